@@ -1,0 +1,43 @@
+"""`devstack up|down|env|status`: the local stack for tests and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from devstack import stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devstack", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="start every server not running yet, wait until all answer")
+    p_up.add_argument("--timeout", type=float, default=120.0)
+    sub.add_parser("down", help="stop the servers devstack started (by pid)")
+    sub.add_parser("env", help="print the endpoints as KEY=VALUE lines")
+    sub.add_parser("status", help="print each server and its pid, or 'stopped'")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            started = stack.up(timeout=args.timeout)
+            print(
+                f"devstack: up (started: {', '.join(started) or 'none, all running'})",
+                file=sys.stderr,
+            )
+        elif args.cmd == "down":
+            stopped = stack.down()
+            print(f"devstack: down (stopped: {', '.join(stopped) or 'none'})", file=sys.stderr)
+        elif args.cmd == "env":
+            for key, value in stack.endpoints().items():
+                print(f"{key}={value}")
+        else:
+            for name, pid in stack.status():
+                print(f"{name}\t{pid if pid is not None else 'stopped'}")
+    except stack.StackError as exc:
+        print(f"devstack: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

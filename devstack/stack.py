@@ -1,0 +1,532 @@
+"""The local stack: real Kafka (KRaft), three InfluxDB 1.x and Toxiproxy on 127.0.0.1.
+
+Every server is a plain child process started from binaries that ``devstack/install.sh``
+put in the cache dir (``$FROUTER_CACHE``, default ``~/.cache/failover-router``). Run state
+(data dirs, logs, pid files) lives in ``$FROUTER_STACK_DIR`` (default ``$FROUTER_CACHE/stack``).
+
+``up`` is idempotent: a server whose pid file names a live process of ours is left alone.
+``down`` stops only the pids it wrote. Ports are fixed (see ``PORTS``) and can be shifted as a
+block with ``FROUTER_PORT_OFFSET`` to run a second stack beside the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+KAFKA_VERSION = "4.1.1"
+TOXIPROXY_VERSION = "v2.5.0"
+KAFKA_CLUSTER_ID = "ZnJvdXRlci1kZXZzdGFjaw"  # any 22-char base64 uuid; fixed so restarts reuse data
+INFLUX_NAMES = ("a", "b", "c")
+DATABASE = "metrics"
+
+_BASE_PORTS = {
+    "kafka": 19092,
+    "kafka_controller": 19093,
+    "toxiproxy": 18474,
+    "influx_a": 18086,
+    "influx_b": 18087,
+    "influx_c": 18088,
+    "influx_a_rpc": 18186,
+    "influx_b_rpc": 18187,
+    "influx_c_rpc": 18188,
+    "influx_a_proxy": 28086,
+    "influx_b_proxy": 28087,
+    "influx_c_proxy": 28088,
+}
+
+
+# Servers started by this process, kept so that it can reap them (no zombies, no warnings).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class StackError(Exception):
+    """A server could not be installed, started, or reached. The message is one line."""
+
+
+def _port_offset() -> int:
+    raw = os.environ.get("FROUTER_PORT_OFFSET", "0")
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise StackError(f"FROUTER_PORT_OFFSET must be an integer, got {raw!r}") from exc
+
+
+def ports() -> dict[str, int]:
+    offset = _port_offset()
+    return {name: port + offset for name, port in _BASE_PORTS.items()}
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "failover-router"
+    return Path(os.environ.get("FROUTER_CACHE", str(default)))
+
+
+def stack_dir() -> Path:
+    return Path(os.environ.get("FROUTER_STACK_DIR", str(cache_dir() / "stack")))
+
+
+def endpoints() -> dict[str, str]:
+    """The KEY=VALUE facts tests and the demo need, all on 127.0.0.1."""
+    p = ports()
+    env = {
+        "KAFKA_BOOTSTRAP": f"127.0.0.1:{p['kafka']}",
+        "TOXIPROXY_URL": f"http://127.0.0.1:{p['toxiproxy']}",
+    }
+    for n in INFLUX_NAMES:
+        up = n.upper()
+        env[f"INFLUX_{up}_URL"] = f"http://127.0.0.1:{p[f'influx_{n}']}"
+        env[f"INFLUX_{up}_PROXY_URL"] = f"http://127.0.0.1:{p[f'influx_{n}_proxy']}"
+        env[f"INFLUX_{up}_PROXY_NAME"] = f"influx_{n}"
+    env["INFLUX_DATABASE"] = DATABASE
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    port: int
+    ready: Callable[[], bool]
+    marker: str  # a substring of /proc/PID/cmdline that proves the pid is still ours
+    prepare: Callable[[], None] = field(default=lambda: None)
+    extra_ports: tuple[int, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pidfile(self) -> Path:
+        return stack_dir() / "run" / f"{self.name}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return stack_dir() / "log" / f"{self.name}.log"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _alive_pid(svc: Service) -> int | None:
+    """The pid from the pid file if that process is alive and still ours."""
+    try:
+        pid = int(svc.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    state = ""
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+    if state in ("", "Z", "X"):
+        return None
+    return pid if svc.marker in _cmdline(pid) else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _http_ok(url: str, status: tuple[int, ...] = (200, 204)) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code in status
+    except httpx.HTTPError:
+        return False
+
+
+# --- Kafka ------------------------------------------------------------------------------
+
+
+def _kafka_home() -> Path:
+    return cache_dir() / f"kafka-{KAFKA_VERSION}"
+
+
+def _kafka_prepare() -> None:
+    p = ports()
+    home = stack_dir() / "kafka"
+    data = home / "data"
+    props = home / "server.properties"
+    home.mkdir(parents=True, exist_ok=True)
+    props.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{p['kafka_controller']}",
+                f"listeners=PLAINTEXT://127.0.0.1:{p['kafka']},"
+                f"CONTROLLER://127.0.0.1:{p['kafka_controller']}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{p['kafka']}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={data}",
+                "num.partitions=4",
+                "auto.create.topics.enable=true",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "log.retention.check.interval.ms=5000",
+                "",
+            ]
+        )
+    )
+    (home / "log4j2.properties").write_text(
+        "\n".join(
+            [
+                "rootLogger.level=INFO",
+                "rootLogger.appenderRef.out.ref=OUT",
+                "appender.out.type=Console",
+                "appender.out.name=OUT",
+                "appender.out.layout.type=PatternLayout",
+                "appender.out.layout.pattern=[%d] %p %m (%c)%n",
+                "logger.kafka.name=kafka",
+                "logger.kafka.level=WARN",
+                "logger.state.name=state.change.logger",
+                "logger.state.level=WARN",
+                "logger.org.name=org.apache.kafka",
+                "logger.org.level=WARN",
+                "",
+            ]
+        )
+    )
+    if not (data / "meta.properties").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(
+            [
+                *_java_cmd(home),
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                KAFKA_CLUSTER_ID,
+                "-c",
+                str(props),
+                "--ignore-formatted",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise StackError(f"kafka storage format failed: {tail[0]}")
+
+
+def _java_cmd(home: Path) -> list[str]:
+    libs = _kafka_home() / "libs"
+    if not (libs / ".complete").exists():
+        raise StackError(f"Kafka jars missing in {libs}: run devstack/install.sh (or ./dev setup)")
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("java not found on PATH: run devstack/install.sh (or ./dev setup)")
+    return [
+        java,
+        "-Xms256m",
+        "-Xmx1g",
+        "-XX:+UseG1GC",
+        f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
+        "-cp",
+        f"{libs}/*",
+    ]
+
+
+def _kafka_ready() -> bool:
+    if _port_free(ports()["kafka"]):
+        return False
+    admin = AdminClient({"bootstrap.servers": endpoints()["KAFKA_BOOTSTRAP"]})
+    try:
+        md = admin.list_topics(timeout=2)
+    except KafkaException:
+        return False
+    return bool(md.brokers)
+
+
+# --- InfluxDB ---------------------------------------------------------------------------
+
+
+def _influx_prepare(n: str) -> Callable[[], None]:
+    def prepare() -> None:
+        p = ports()
+        home = stack_dir() / f"influx-{n}"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "influxdb.conf").write_text(
+            f"""reporting-disabled = true
+bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
+[meta]
+  dir = "{home}/meta"
+  logging-enabled = false
+[data]
+  dir = "{home}/data"
+  wal-dir = "{home}/wal"
+  query-log-enabled = false
+  index-version = "inmem"
+[coordinator]
+  log-queries-after = "0s"
+[monitor]
+  store-enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{p[f"influx_{n}"]}"
+  log-enabled = false
+  auth-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+[logging]
+  level = "warn"
+"""
+        )
+
+    return prepare
+
+
+def _influx_service(n: str) -> Service:
+    p = ports()
+    url = endpoints()[f"INFLUX_{n.upper()}_URL"]
+    influxd = shutil.which("influxd") or "/usr/bin/influxd"
+    conf = stack_dir() / f"influx-{n}" / "influxdb.conf"
+    return Service(
+        name=f"influx-{n}",
+        argv=[influxd, "run", "-config", str(conf)],
+        port=p[f"influx_{n}"],
+        extra_ports=(p[f"influx_{n}_rpc"],),
+        ready=lambda: _http_ok(f"{url}/ping"),
+        marker=str(conf),
+        prepare=_influx_prepare(n),
+    )
+
+
+# --- Toxiproxy --------------------------------------------------------------------------
+
+
+def _toxiproxy_bin() -> Path:
+    return cache_dir() / "bin" / f"toxiproxy-server-{TOXIPROXY_VERSION}"
+
+
+def _toxiproxy_service() -> Service:
+    p = ports()
+    return Service(
+        name="toxiproxy",
+        argv=[str(_toxiproxy_bin()), "-host", "127.0.0.1", "-port", str(p["toxiproxy"])],
+        port=p["toxiproxy"],
+        ready=lambda: _http_ok(f"{endpoints()['TOXIPROXY_URL']}/version"),
+        marker=f"toxiproxy-server-{TOXIPROXY_VERSION}",
+    )
+
+
+def _kafka_service() -> Service:
+    p = ports()
+    home = stack_dir() / "kafka"
+    props = home / "server.properties"
+
+    def argv() -> list[str]:
+        return [*_java_cmd(home), "kafka.Kafka", str(props)]
+
+    svc = Service(
+        name="kafka",
+        argv=[],
+        port=p["kafka"],
+        extra_ports=(p["kafka_controller"],),
+        ready=_kafka_ready,
+        marker=str(props),
+        prepare=_kafka_prepare,
+    )
+    svc.argv = argv() if (_kafka_home() / "libs" / ".complete").exists() else []
+    return svc
+
+
+def services() -> list[Service]:
+    return [_kafka_service(), *(_influx_service(n) for n in INFLUX_NAMES), _toxiproxy_service()]
+
+
+def _check_installed() -> None:
+    missing = []
+    if not (_kafka_home() / "libs" / ".complete").exists():
+        missing.append(f"kafka jars ({_kafka_home()})")
+    if shutil.which("influxd") is None:
+        missing.append("influxd (Debian package influxdb)")
+    if shutil.which("java") is None:
+        missing.append("java")
+    if not _toxiproxy_bin().exists():
+        missing.append(f"toxiproxy-server ({_toxiproxy_bin()})")
+    if missing:
+        raise StackError(f"missing: {', '.join(missing)}; run ./dev setup (devstack/install.sh)")
+
+
+def _check_ports(svc: Service) -> None:
+    for port in (svc.port, *svc.extra_ports):
+        if not _port_free(port):
+            raise StackError(
+                f"port 127.0.0.1:{port} for {svc.name} is taken by a process devstack did not "
+                f"start (stop it or set FROUTER_PORT_OFFSET)"
+            )
+
+
+def _start(svc: Service) -> None:
+    for pid, proc in list(_children.items()):  # reap servers a test killed with SIGKILL
+        if proc.poll() is not None:
+            del _children[pid]
+    _check_ports(svc)
+    svc.prepare()
+    svc.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    svc.logfile.parent.mkdir(parents=True, exist_ok=True)
+    with svc.logfile.open("ab") as log:
+        proc = subprocess.Popen(
+            svc.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **svc.env},
+        )
+    svc.pidfile.write_text(f"{proc.pid}\n")
+    _children[proc.pid] = proc
+
+
+def _wait_ready(svc: Service, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if svc.ready():
+            return
+        if _alive_pid(svc) is None:
+            raise StackError(f"{svc.name} exited during start-up; see {svc.logfile}")
+        time.sleep(0.2)
+    raise StackError(f"{svc.name} did not answer on port {svc.port} in time; see {svc.logfile}")
+
+
+def _populate_toxiproxy() -> None:
+    p = ports()
+    proxies = [
+        {
+            "name": f"influx_{n}",
+            "listen": f"127.0.0.1:{p[f'influx_{n}_proxy']}",
+            "upstream": f"127.0.0.1:{p[f'influx_{n}']}",
+            "enabled": True,
+        }
+        for n in INFLUX_NAMES
+    ]
+    base = endpoints()["TOXIPROXY_URL"]
+    resp = httpx.post(f"{base}/populate", content=json.dumps(proxies), timeout=5)
+    if resp.status_code >= 300:
+        raise StackError(f"toxiproxy populate failed: HTTP {resp.status_code} {resp.text.strip()}")
+
+
+def _create_databases() -> None:
+    for n in INFLUX_NAMES:
+        url = endpoints()[f"INFLUX_{n.upper()}_URL"]
+        resp = httpx.post(f"{url}/query", params={"q": f'CREATE DATABASE "{DATABASE}"'}, timeout=5)
+        if resp.status_code != 200:
+            raise StackError(f"influx-{n}: CREATE DATABASE failed: HTTP {resp.status_code}")
+
+
+def up(timeout: float = 120.0) -> list[str]:
+    """Start every server that is not already running; wait until all answer.
+
+    Returns the names of the services this call started (empty when all were running).
+    """
+    _check_installed()
+    svcs = services()
+    to_start = [svc for svc in svcs if _alive_pid(svc) is None]
+    for svc in to_start:  # all ports first: a taken port must not leave half a stack behind
+        _check_ports(svc)
+    for svc in to_start:
+        _start(svc)
+    started = [svc.name for svc in to_start]
+    deadline = time.monotonic() + timeout
+    for svc in svcs:
+        _wait_ready(svc, deadline)
+    _populate_toxiproxy()
+    _create_databases()
+    return started
+
+
+def _stop_pid(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGCONT)  # a SIGSTOPped server cannot handle SIGTERM
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            _reap(pid)
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    proc = _children.pop(pid, None)
+    if proc is not None:
+        proc.wait(timeout=10)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def down(names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
+    """Stop the servers devstack started (by their pid files). Returns the names stopped."""
+    stopped = []
+    for svc in reversed(services()):
+        if names is not None and svc.name not in names:
+            continue
+        pid = _alive_pid(svc)
+        if pid is not None:
+            _stop_pid(pid, timeout)
+            stopped.append(svc.name)
+        svc.pidfile.unlink(missing_ok=True)
+    return stopped
+
+
+def service(name: str) -> Service:
+    for svc in services():
+        if svc.name == name:
+            return svc
+    raise StackError(f"no service named {name!r}")
+
+
+def pid_of(name: str) -> int | None:
+    """The pid of a running stack server (tests use it to kill -9 or SIGSTOP one)."""
+    return _alive_pid(service(name))
+
+
+def restart(name: str, timeout: float = 60.0) -> None:
+    """Start one server again after a test killed it, and wait until it answers."""
+    svc = service(name)
+    pid = _alive_pid(svc)
+    if pid is not None:
+        _stop_pid(pid, timeout)
+    _start(svc)
+    _wait_ready(svc, time.monotonic() + timeout)
+
+
+def status() -> Iterator[tuple[str, int | None]]:
+    for svc in services():
+        yield svc.name, _alive_pid(svc)
