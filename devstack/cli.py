@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import httpx
+
 from devstack import stack
+from devstack.toxiproxy import Toxiproxy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop the servers devstack started (by pid)")
     sub.add_parser("env", help="print the endpoints as KEY=VALUE lines")
     sub.add_parser("status", help="print each server and its pid, or 'stopped'")
+    for verb, text in (
+        ("cut", "make an InfluxDB unreachable through its Toxiproxy proxy"),
+        ("restore", "make it reachable again and remove its toxics"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("name", choices=[f"influx-{n}" for n in stack.INFLUX_NAMES])
+    p_restart = sub.add_parser("restart", help="start one server again (after kill -9)")
+    p_restart.add_argument("name")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
@@ -30,11 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "env":
             for key, value in stack.endpoints().items():
                 print(f"{key}={value}")
+        elif args.cmd in ("cut", "restore"):
+            proxy = args.name.replace("-", "_")
+            tp = Toxiproxy(stack.endpoints()["TOXIPROXY_URL"])
+            try:
+                tp.set_enabled(proxy, args.cmd == "restore")
+                if args.cmd == "restore":
+                    tp.remove_all_toxics(proxy)
+            finally:
+                tp.close()
+            print(f"devstack: {args.cmd} {args.name}", file=sys.stderr)
+        elif args.cmd == "restart":
+            stack.restart(args.name)
         else:
             for name, pid in stack.status():
                 print(f"{name}\t{pid if pid is not None else 'stopped'}")
     except stack.StackError as exc:
         print(f"devstack: error: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"devstack: error: toxiproxy: {exc}", file=sys.stderr)
         return 1
     return 0
 

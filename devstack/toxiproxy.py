@@ -40,6 +40,10 @@ class Toxiproxy:
     def remove_toxic(self, proxy: str, name: str) -> None:
         self._ok(self._http.delete(f"/proxies/{proxy}/toxics/{name}"))
 
+    def remove_all_toxics(self, proxy: str) -> None:
+        for toxic in self._ok(self._http.get(f"/proxies/{proxy}/toxics")) or []:
+            self.remove_toxic(proxy, toxic["name"])
+
     def reset(self) -> None:
         """Enable every proxy and remove every toxic."""
         self._ok(self._http.post("/reset"))

@@ -1,0 +1,345 @@
+"""Local health checking: active HTTP probes plus passive write signals, per node, per cluster.
+
+:class:`HealthChecker` implements :class:`health.verdict.VerdictSource` from the decisions of
+:mod:`health.state` (hysteresis, ``min_healthy``, new-node rule); this module does the I/O.
+
+Probes: v1 ``GET {node}/ping`` must answer 204; v2 ``GET {node}/health`` must answer 200 with a
+JSON ``"status": "pass"``. Anything else, and every httpx error, is a failed check with a short
+reason ("connection refused", "no answer within 1s", "/ping answered HTTP 503"); no httpx
+exception leaves this module and no reason carries a URL's userinfo or query.
+
+Threads:
+
+- the checker thread (``health-checker``, started by :meth:`HealthChecker.start`) submits one
+  probe per node every ``interval`` to a pool of probe workers, skipping a node whose previous
+  probe is still running. A hung node (a SIGSTOPped InfluxDB) thus holds one worker for at most
+  the httpx ``timeout`` per phase and never delays the probes of other nodes.
+- probe workers (``health-probe_N``) run the HTTP request and feed the result into the state.
+- any thread may call ``verdict``, ``healthy_nodes``, ``report_write``, ``subscribe``, ``update``.
+
+State changes apply at once: ``verdict()`` reflects a probe or a reported write as soon as it
+is counted. Subscribers, however, are always called on the checker thread (or by
+:meth:`HealthChecker.probe_once` when no thread runs), one transition at a time in the order
+they happened, with no lock held: a failed write reported from the sink's thread never re-enters
+the sink through a callback, and a callback may call ``verdict`` or ``report_write``. A callback
+must be quick and must not raise: an exception ends the checker thread, loudly
+(``health_checker_crashed``); nothing here catches everything and keeps going.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+import httpx
+import structlog
+
+from health.state import ClusterHealth, Transition, redact_url
+from health.verdict import ClusterState, Subscriber, Verdict
+
+log = structlog.get_logger("health")
+
+MAX_PROBES_IN_FLIGHT = 64
+"""Probe workers: as many nodes as this can hang at once without delaying the other probes."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What the checker needs to know about one cluster."""
+
+    api: Literal["v1", "v2"]
+    nodes: tuple[str, ...]
+    min_healthy: int = 1
+
+
+_PHRASES: tuple[tuple[type[Exception], str], ...] = (
+    (httpx.ConnectTimeout, "no connection within {timeout}s"),
+    (httpx.TimeoutException, "no answer within {timeout}s"),
+    (httpx.RemoteProtocolError, "connection closed or invalid answer"),
+    (httpx.ReadError, "connection broken"),
+    (httpx.WriteError, "connection broken"),
+    (httpx.InvalidURL, "invalid node URL"),
+    (httpx.UnsupportedProtocol, "invalid node URL"),
+)
+
+
+def _describe(exc: httpx.HTTPError | httpx.InvalidURL, timeout: float) -> str:
+    """A short reason for a failed request. Never ``str(exc)``, which may carry the URL."""
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "name or service not known" in text or "nodename nor servname" in text:
+            return "host name not resolved"
+        return "cannot connect"
+    for kind, phrase in _PHRASES:
+        if isinstance(exc, kind):
+            return phrase.format(timeout=f"{timeout:g}")
+    return f"request failed ({type(exc).__name__})"
+
+
+def _judge_ping(resp: httpx.Response) -> tuple[bool, str]:
+    if resp.status_code == 204:
+        return True, "ping ok"
+    return False, f"/ping answered HTTP {resp.status_code}"
+
+
+def _judge_health(resp: httpx.Response) -> tuple[bool, str]:
+    if resp.status_code != 200:
+        return False, f"/health answered HTTP {resp.status_code}"
+    try:
+        body = resp.json()
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        return False, "/health answered no JSON"
+    status = body.get("status") if isinstance(body, dict) else None
+    if status == "pass":
+        return True, "health pass"
+    return False, f"/health status {str(status)[:20]!r}"
+
+
+class HealthChecker:
+    """Probes every node of every cluster and keeps a verdict per cluster (a VerdictSource)."""
+
+    def __init__(
+        self,
+        clusters: Mapping[str, ClusterSpec],
+        *,
+        interval: float,
+        timeout: float,
+        fall: int,
+        rise: int,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if interval <= 0 or timeout <= 0:
+            raise ValueError(f"interval and timeout must be > 0, got {interval} and {timeout}")
+        if fall < 1 or rise < 1:
+            raise ValueError(f"fall and rise must be >= 1, got {fall} and {rise}")
+        self._interval = interval
+        self._timeout = timeout
+        self._fall = fall
+        self._rise = rise
+        self._clock = clock
+        self._lock = threading.Lock()  # guards everything below up to _subscribers
+        self._specs: dict[str, ClusterSpec] = {}
+        self._health: dict[str, ClusterHealth] = {}
+        self._in_flight: set[tuple[str, str]] = set()
+        self._pending: deque[Transition] = deque()
+        self._subscribers: list[Subscriber] = []
+        self._dispatch_lock = threading.Lock()  # one dispatcher at a time keeps the order
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.update(clusters)  # validates before any resource exists
+        # Probes go straight to the node: an HTTP proxy from the environment would hide its state.
+        self._http = httpx.Client(
+            transport=transport,
+            timeout=timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
+        self._pool = ThreadPoolExecutor(MAX_PROBES_IN_FLIGHT, thread_name_prefix="health-probe")
+
+    # --- VerdictSource ------------------------------------------------------------------
+
+    def verdict(self, cluster: str) -> Verdict:
+        with self._lock:
+            return self._health[cluster].verdict()
+
+    def healthy_nodes(self, cluster: str) -> list[str]:
+        with self._lock:
+            return self._health[cluster].healthy_nodes()
+
+    def subscribe(self, callback: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def report_write(self, cluster: str, node: str, ok: bool) -> None:
+        """Count a write like a probe. Unknown clusters/nodes (a topology reload) are ignored."""
+        self._record(cluster, node, ok, "write ok" if ok else "write failed")
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start probing in a daemon thread; the first round starts at once."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("a HealthChecker can be started once")
+        self._thread = threading.Thread(target=self._run, name="health-checker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread, wait for running probes (at most ``timeout`` per phase), close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> HealthChecker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def update(self, clusters: Mapping[str, ClusterSpec]) -> None:
+        """Replace the topology: clusters come and go, nodes change; known state is kept.
+
+        A removed cluster is forgotten without a notification; a new one starts like at
+        construction; a changed one keeps the state of the nodes that stay (see
+        :mod:`health.state` for the new-node rule). Raises ``ValueError`` for an invalid spec
+        before changing anything.
+        """
+        for name, spec in clusters.items():
+            if spec.api not in ("v1", "v2"):
+                raise ValueError(f"cluster {name!r}: unknown api {spec.api!r}")
+            if spec.min_healthy < 1 or len(set(spec.nodes)) != len(spec.nodes):
+                raise ValueError(f"cluster {name!r}: min_healthy < 1 or duplicate node URLs")
+        now = self._clock()
+        with self._lock:
+            for name in [name for name in self._health if name not in clusters]:
+                del self._health[name], self._specs[name]
+                log.info("cluster_removed", cluster=name)
+            for name, spec in clusters.items():
+                health = self._health.get(name)
+                if health is None:
+                    self._health[name] = ClusterHealth(
+                        name, spec.nodes, self._fall, self._rise, spec.min_healthy, now=now
+                    )
+                else:
+                    transition = health.set_nodes(spec.nodes, now, min_healthy=spec.min_healthy)
+                    if transition is not None:
+                        self._transition(transition)
+                self._specs[name] = spec
+
+    def probe_once(self) -> None:
+        """Probe every node once, wait for the answers, then deliver pending transitions.
+
+        Synchronous, for tests and tools. A node whose probe is already running (from the
+        checker thread) is not probed again. Once :meth:`start` was called, the checker thread
+        stays the only one that calls subscribers, so this only probes.
+        """
+        futures = self._submit_round()
+        wait(futures)
+        for future in futures:
+            _finished(future)
+        if self._thread is None:
+            self._dispatch()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        running: list[Future[None]] = []
+        next_round = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                if time.monotonic() >= next_round:
+                    running = [future for future in running if not _finished(future)]
+                    running += self._submit_round()
+                    next_round = max(next_round + self._interval, time.monotonic())
+                self._wake.wait(max(0.0, next_round - time.monotonic()))
+                self._wake.clear()
+                self._dispatch()
+        except BaseException:
+            log.critical("health_checker_crashed", exc_info=True)
+            raise
+
+    def _submit_round(self) -> list[Future[None]]:
+        with self._lock:
+            jobs = [
+                (cluster, spec.api, node)
+                for cluster, spec in self._specs.items()
+                for node in spec.nodes
+                if (cluster, node) not in self._in_flight
+            ]
+            self._in_flight.update((cluster, node) for cluster, _, node in jobs)
+        return [self._pool.submit(self._probe_and_record, *job) for job in jobs]
+
+    def _probe_and_record(self, cluster: str, api: Literal["v1", "v2"], node: str) -> None:
+        try:
+            ok, reason = self._probe(api, node)
+            self._record(cluster, node, ok, reason)
+        finally:
+            with self._lock:
+                self._in_flight.discard((cluster, node))
+
+    def _probe(self, api: Literal["v1", "v2"], node: str) -> tuple[bool, str]:
+        path = "/ping" if api == "v1" else "/health"
+        try:
+            resp = self._http.get(node.rstrip("/") + path)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return False, _describe(exc, self._timeout)
+        return _judge_ping(resp) if api == "v1" else _judge_health(resp)
+
+    def _record(self, cluster: str, node: str, ok: bool, reason: str) -> None:
+        now = self._clock()
+        with self._lock:
+            health = self._health.get(cluster)
+            if health is None or node not in health.nodes:
+                return  # removed by a topology update while the probe or write was running
+            node_health = health.node(node)
+            was_up = node_health.up
+            transition = health.observe(node, ok, reason, now)
+            if node_health.up != was_up:
+                log.info(
+                    "node_state",
+                    cluster=cluster,
+                    node=redact_url(node),
+                    from_state=_state(was_up),
+                    to_state=_state(node_health.up),
+                    reason=node_health.reason,
+                )
+            if transition is not None:
+                self._transition(transition)
+
+    def _transition(self, transition: Transition) -> None:
+        """Log and queue one cluster transition; the caller holds ``_lock``."""
+        old, new = transition
+        log.warning(
+            "cluster_state",
+            cluster=new.cluster,
+            from_state=str(old.state),
+            to_state=str(new.state),
+            reason=new.reason,
+        )
+        self._pending.append(transition)
+        self._wake.set()
+
+    def _dispatch(self) -> None:
+        with self._dispatch_lock:
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        return
+                    old, new = self._pending.popleft()
+                    subscribers = list(self._subscribers)
+                for callback in subscribers:
+                    callback(old, new)
+
+
+def _finished(future: Future[None]) -> bool:
+    """True if the probe is over; a bug that ended it is raised here, not lost."""
+    if not future.done():
+        return False
+    future.result()
+    return True
+
+
+def _state(up: bool) -> str:
+    return str(ClusterState.UP if up else ClusterState.DOWN)

@@ -1,0 +1,585 @@
+"""One destination: the consumer group of a (route, cluster) pair, its batches and its commits.
+
+A ``Destination`` owns one confluent-kafka consumer and one thread that does every consumer
+call (consume, pause, seek, resume, commit). Writes run on a small thread pool (``max_in_flight``
+batches at once); their outcomes come back to the consumer thread through a queue, where the
+``OffsetTracker`` decides what may be committed. Commands from the engine (activate,
+deactivate) also go through a queue, so the consumer is never touched from two threads.
+
+States of the destination (``want_active`` is what the engine asked for):
+  active   partitions resumed at a computed start offset, messages batched and written
+  paused   partitions paused; the backlog stays in Kafka; a stale message is dropped
+  cooldown a batch failed: paused until every in-flight batch is settled, then (if still
+           wanted) rewound to the committed offsets and resumed after a back-off
+  stopped  InfluxDB refused our credentials/database: paused until the topology changes
+
+Memory is bounded by max_in_flight x batch size plus librdkafka's fetch queue (capped in the
+consumer settings), never by the backlog.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from router.errors import SinkError, SinkMisconfigured, SourceError
+from router.kafka import NO_OFFSET, DeadLetter, DeadLetterProducer, KafkaAdmin
+from router.metrics import Metrics
+from router.offsets import OffsetTracker, TopicPart
+from router.policy import StartFrom
+from router.sink import InfluxSink
+
+log = structlog.get_logger("router")
+
+
+@dataclass(frozen=True)
+class DestinationSpec:
+    route: str
+    cluster: str
+    group: str
+    topics: tuple[str, ...]
+    peer_groups: tuple[str, ...]  # every group of the route (TAKEOVER takes the max of them)
+    max_points: int
+    max_bytes: int
+    linger: float
+    max_in_flight: int
+    write_deadline: float  # how long one batch may take with its retries (revoke/drain wait)
+
+
+@dataclass
+class _Batch:
+    batch_id: int
+    values: list[bytes] = field(default_factory=list)
+    origins: list[TopicPart] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    last: dict[TopicPart, int] = field(default_factory=dict)
+    points: int = 0
+    size: int = 0
+    started: float = 0.0
+
+    def add(self, tp: TopicPart, offset: int, value: bytes) -> None:
+        if not self.values:
+            self.started = time.monotonic()
+        self.values.append(value)
+        self.origins.append(tp)
+        self.offsets.append(offset)
+        self.last[tp] = offset
+        self.points += value.count(b"\n") + (0 if value.endswith(b"\n") else 1)
+        self.size += len(value) + 1
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    batch: _Batch
+    error: SinkError | SourceError | None = None
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Activate:
+    start: StartFrom
+
+
+@dataclass(frozen=True)
+class _Deactivate:
+    graceful: bool
+    reason: str
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    route: str
+    cluster: str
+    group: str
+    state: str  # active | paused | cooldown | stopped
+    assigned: tuple[TopicPart, ...]
+    paused: tuple[TopicPart, ...]
+    in_flight: int
+    buffered: int
+    error: str
+
+
+class Destination:
+    def __init__(
+        self,
+        spec: DestinationSpec,
+        *,
+        kafka_config: Mapping[str, str],
+        sink: InfluxSink,
+        admin: KafkaAdmin,
+        dead_letters: DeadLetterProducer,
+        metrics: Metrics,
+        on_misconfigured: Callable[[str, str], None] = lambda cluster, why: None,
+    ) -> None:
+        self.spec = spec
+        self._sink = sink
+        self._admin = admin
+        self._dlq = dead_letters
+        self._metrics = metrics
+        self._on_misconfigured = on_misconfigured
+        self._consumer = Consumer(
+            {
+                **kafka_config,
+                "group.id": spec.group,
+                "enable.auto.commit": "false",
+                "enable.auto.offset.store": "false",
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": "10000",
+                "heartbeat.interval.ms": "1000",
+                "queued.max.messages.kbytes": "16384",
+                "client.id": f"frouter-{spec.route}-{spec.cluster}",
+            }
+        )
+        self._pool = ThreadPoolExecutor(
+            max_workers=spec.max_in_flight, thread_name_prefix=f"write-{spec.cluster}"
+        )
+        self._commands: queue.Queue[_Activate | _Deactivate] = queue.Queue()
+        self._outcomes: queue.Queue[_Outcome] = queue.Queue()
+        self._tracker = OffsetTracker()
+        self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
+        self._assigned: set[TopicPart] = set()
+        self._live: set[TopicPart] = set()  # assigned, sought and resumed: messages accepted
+        self._want_active = False
+        self._start_mode = StartFrom.OWN
+        self._cooldown_until: float | None = None
+        self._stopped_reason = ""
+        self._batch = _Batch(0)
+        self._next_batch = 1
+        self._stop = threading.Event()
+        self._graceful_stop = True
+        self._thread = threading.Thread(
+            target=self._run, name=f"dest-{spec.route}-{spec.cluster}", daemon=True
+        )
+        self._status = self._snapshot()
+        self._labels = {"route": spec.route, "cluster": spec.cluster}
+
+    # --- called from other threads ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def activate(self, start: StartFrom) -> None:
+        self._commands.put(_Activate(start))
+
+    def deactivate(self, graceful: bool, reason: str, timeout: float | None = None) -> bool:
+        """Pause the destination. Graceful: flush and commit first; waits up to ``timeout``."""
+        done = threading.Event()
+        self._commands.put(_Deactivate(graceful, reason, done))
+        return done.wait(timeout) if timeout else True
+
+    def stop(self, timeout: float = 60.0, graceful: bool = True) -> None:
+        """Stop fetching, finish in-flight writes, commit, leave the group."""
+        self._graceful_stop = graceful
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def status(self) -> DestinationStatus:
+        return self._status
+
+    # --- the consumer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._consumer.subscribe(
+                list(self.spec.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            last_status = 0.0
+            while not self._stop.is_set():
+                self._handle_commands()
+                self._settle_outcomes(block=False)
+                self._maybe_recover()
+                if self._live and self._tracker.in_flight() < self.spec.max_in_flight:
+                    self._consume(timeout=0.05)
+                elif self._live:
+                    self._settle_outcomes(block=True, timeout=0.05)
+                else:
+                    self._consume(timeout=0.1)  # paused: keeps group membership and callbacks
+                self._maybe_flush()
+                now = time.monotonic()
+                if now - last_status > 0.25:
+                    self._status = self._snapshot()
+                    last_status = now
+            self._shutdown()
+        except (KafkaException, SourceError) as exc:  # the loop cannot go on: say so, loudly
+            log.error("destination_crashed", **self._labels, error=str(exc))
+            self._stopped_reason = f"crashed: {exc}"
+            self._status = self._snapshot()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _consume(self, timeout: float) -> None:
+        msgs = self._consumer.consume(num_messages=1000, timeout=timeout)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume_error", **self._labels, error=str(err))
+                continue
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp not in self._live:
+                continue  # fetched before a pause; it is read again after the next seek
+            value = msg.value()
+            if not value:
+                continue
+            offset = msg.offset() or 0
+            self._batch.add(tp, offset, bytes(value))
+            if self._batch_full():
+                self._submit()
+
+    def _batch_full(self) -> bool:
+        b = self._batch
+        return b.points >= self.spec.max_points or b.size >= self.spec.max_bytes
+
+    def _maybe_flush(self) -> None:
+        b = self._batch
+        if b.values and time.monotonic() - b.started >= self.spec.linger:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch = self._batch
+        self._batch = _Batch(self._next_batch + 1)
+        if not batch.values:
+            return
+        batch.batch_id = self._next_batch
+        self._next_batch += 1
+        self._tracker.add(batch.batch_id, batch.last)
+        self._metrics.in_flight.labels(**self._labels).set(self._tracker.in_flight())
+        future = self._pool.submit(self._write, batch)
+        future.add_done_callback(self._collect)
+
+    def _collect(self, future: Future[_Outcome]) -> None:
+        if not future.cancelled():
+            self._outcomes.put(future.result())
+
+    def _write(self, batch: _Batch) -> _Outcome:
+        """Runs on a pool thread: write, dead-letter the rejected lines, report the outcome."""
+        started = time.monotonic()
+        try:
+            rejected = self._sink.write(batch.values)
+            if rejected:
+                self._dlq.send(
+                    DeadLetter(
+                        line=r.line,
+                        reason=r.reason,
+                        topic=batch.origins[r.index][0],
+                        partition=batch.origins[r.index][1],
+                        offset=batch.offsets[r.index],
+                        cluster=self.spec.cluster,
+                        route=self.spec.route,
+                    )
+                    for r in rejected
+                )
+                for r in rejected:
+                    self._metrics.dead_letters.labels(
+                        **self._labels, topic=batch.origins[r.index][0]
+                    ).inc()
+        except (SinkError, SourceError) as exc:
+            return _Outcome(batch, error=exc, seconds=time.monotonic() - started)
+        return _Outcome(batch, rejected=len(rejected), seconds=time.monotonic() - started)
+
+    def _settle_outcomes(self, block: bool, timeout: float = 0.0) -> None:
+        try:
+            outcome = self._outcomes.get(timeout=timeout) if block else self._outcomes.get_nowait()
+        except queue.Empty:
+            return
+        ready: dict[TopicPart, int] = {}
+        while True:
+            ready.update(self._settle(outcome))
+            try:
+                outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                break
+        if ready:
+            self._commit(ready, asynchronous=True)
+        self._metrics.in_flight.labels(**self._labels).set(self._tracker.in_flight())
+
+    def _settle(self, outcome: _Outcome) -> dict[TopicPart, int]:
+        batch = outcome.batch
+        labels = self._labels
+        self._metrics.write_seconds.labels(**labels).observe(outcome.seconds)
+        if outcome.error is None:
+            self._metrics.batches.labels(**labels, outcome="ok").inc()
+            self._metrics.points_written.labels(**labels).inc(batch.points - outcome.rejected)
+            self._metrics.messages_written.labels(**labels).inc(len(batch.values))
+            if outcome.rejected:
+                log.warning("dead_letters", **labels, lines=outcome.rejected, topic=self._dlq.topic)
+            return self._tracker.complete(batch.batch_id)
+        self._tracker.fail(batch.batch_id)
+        if isinstance(outcome.error, SinkMisconfigured):
+            self._metrics.batches.labels(**labels, outcome="misconfigured").inc()
+            if not self._stopped_reason:
+                self._stopped_reason = str(outcome.error)
+                self._metrics.sink_misconfigured.labels(**labels).set(1)
+                log.error("sink_misconfigured", **labels, reason=str(outcome.error))
+                self._on_misconfigured(self.spec.cluster, str(outcome.error))
+        else:
+            self._metrics.batches.labels(**labels, outcome="failed").inc()
+            log.warning(
+                "batch_failed", **labels, reason=str(outcome.error), messages=len(batch.values)
+            )
+        self._enter_cooldown()
+        return {}
+
+    def _enter_cooldown(self) -> None:
+        """A batch failed: stop reading, drop what is buffered, rewind once settled."""
+        if self._cooldown_until is None:
+            self._cooldown_until = time.monotonic() + 1.0
+        self._pause_all()
+        self._batch = _Batch(self._next_batch)
+
+    def _maybe_recover(self) -> None:
+        if self._cooldown_until is None or self._tracker.in_flight():
+            return
+        if time.monotonic() < self._cooldown_until:
+            return
+        self._cooldown_until = None
+        self._tracker = OffsetTracker()  # failed partitions restart from their commits
+        if self._want_active and not self._stopped_reason:
+            self._resume(self._start_mode)
+
+    # --- commands -----------------------------------------------------------------------
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Activate):
+                self._start_mode = cmd.start
+                if not self._want_active:
+                    self._want_active = True
+                    self._metrics.destination_active.labels(**self._labels).set(1)
+                    if self._cooldown_until is None and not self._stopped_reason:
+                        self._resume(cmd.start)
+            else:
+                self._deactivate(cmd)
+
+    def _deactivate(self, cmd: _Deactivate) -> None:
+        was_active = self._want_active
+        self._want_active = False
+        self._metrics.destination_active.labels(**self._labels).set(0)
+        self._pause_all()
+        if cmd.graceful:
+            self._submit()
+            self._drain_in_flight()
+        else:
+            self._batch = _Batch(self._next_batch)
+        if was_active:
+            log.info(
+                "destination_state",
+                **self._labels,
+                from_state="active",
+                to_state="paused",
+                reason=cmd.reason,
+                graceful=cmd.graceful,
+            )
+        cmd.done.set()
+
+    def _drain_in_flight(self) -> None:
+        """Wait for every batch in flight, then commit what they made committable."""
+        deadline = time.monotonic() + self.spec.write_deadline
+        while self._tracker.in_flight() and time.monotonic() < deadline:
+            self._settle_outcomes(block=True, timeout=0.1)
+        self._settle_outcomes(block=False)
+        self._flush_commits()
+
+    def _flush_commits(self) -> None:
+        """Commit synchronously the newest committable offsets (async commits may be queued)."""
+        if self._committable:
+            self._commit(dict(self._committable), asynchronous=False)
+
+    # --- offsets ------------------------------------------------------------------------
+
+    def _commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
+        self._committable.update(offsets)
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self._assigned]
+        if not tps:
+            return
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=tps, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("commit_failed", **self._labels, error=str(exc))
+
+    def _start_offsets(self, tps: Sequence[TopicPart], mode: StartFrom) -> dict[TopicPart, int]:
+        """Where each partition starts: own commit, or the max over the route's groups."""
+        own = self._admin.committed(self.spec.group, tps)
+        if mode is StartFrom.OWN:
+            start = dict(own)
+        else:
+            start = {tp: NO_OFFSET for tp in tps}
+            for group in self.spec.peer_groups:
+                theirs = own if group == self.spec.group else self._admin.committed(group, tps)
+                for tp in tps:
+                    start[tp] = max(start[tp], theirs.get(tp, NO_OFFSET))
+        marks = self._admin.watermarks(tps)
+        skipped_to: dict[TopicPart, int] = {}
+        for tp in tps:
+            wm = marks[tp]
+            s = start.get(tp, NO_OFFSET)
+            if s < 0:
+                s = wm.low  # never committed anywhere: the whole retained log
+            elif s < wm.low:
+                lost = wm.low - s
+                self._metrics.retention_lost.labels(**self._labels, topic=tp[0]).inc(lost)
+                log.error(
+                    "retention_gap",
+                    **self._labels,
+                    topic=tp[0],
+                    partition=tp[1],
+                    committed=s,
+                    earliest=wm.low,
+                    lost=lost,
+                )
+                s = wm.low
+            s = min(s, wm.high)
+            if mode is StartFrom.SKIP:
+                mine = own.get(tp, NO_OFFSET)
+                base = max(mine, wm.low) if mine >= 0 else wm.low
+                if s > base:
+                    self._metrics.skipped.labels(**self._labels, topic=tp[0]).inc(s - base)
+                    log.warning(
+                        "skipped_range",
+                        **self._labels,
+                        topic=tp[0],
+                        partition=tp[1],
+                        first=base,
+                        next=s,
+                        count=s - base,
+                    )
+                    skipped_to[tp] = s
+            start[tp] = s
+        if skipped_to:  # the skip is recorded as this group's progress, never silent
+            self._commit(skipped_to, asynchronous=False)
+        return start
+
+    def _resume(self, mode: StartFrom) -> None:
+        tps = sorted(self._assigned)
+        if not tps:
+            return
+        try:
+            starts = self._start_offsets(tps, mode)
+        except SourceError as exc:
+            log.warning("start_offsets_failed", **self._labels, error=str(exc))
+            self._enter_cooldown()
+            return
+        for tp in tps:
+            self._consumer.seek(TopicPartition(tp[0], tp[1], starts[tp]))
+        self._consumer.resume([TopicPartition(t, p) for t, p in tps])
+        self._live = set(tps)
+        log.info(
+            "destination_state",
+            **self._labels,
+            from_state="paused",
+            to_state="active",
+            reason=f"start from {mode.value}",
+            starts={f"{t}[{p}]": o for (t, p), o in starts.items()},
+        )
+        self._publish_partition_gauges()
+
+    def _pause_all(self) -> None:
+        if self._assigned:
+            self._consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+        self._live = set()
+        self._publish_partition_gauges()
+
+    def _publish_partition_gauges(self) -> None:
+        self._metrics.assigned_partitions.labels(**self._labels).set(len(self._assigned))
+        self._metrics.paused_partitions.labels(**self._labels).set(
+            len(self._assigned) - len(self._live)
+        )
+
+    # --- rebalance callbacks (run inside consume(), on the consumer thread) ---------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        self._assigned = set(tps)
+        active = self._want_active and self._cooldown_until is None and not self._stopped_reason
+        if active and tps:
+            try:
+                starts = self._start_offsets(tps, self._start_mode)
+            except SourceError as exc:
+                log.warning("start_offsets_failed", **self._labels, error=str(exc))
+                self._cooldown_until = time.monotonic() + 1.0
+                active = False
+            else:
+                for tp in partitions:
+                    tp.offset = starts[(tp.topic, tp.partition)]
+        consumer.assign(partitions)
+        if active:
+            self._live = set(tps)
+        else:
+            consumer.pause(partitions)  # paused stays paused across a rebalance
+            self._live = set()
+        log.info(
+            "partitions_assigned",
+            **self._labels,
+            partitions=len(tps),
+            paused=0 if active else len(tps),
+        )
+        self._publish_partition_gauges()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Finish what is in flight and commit it before the partitions move elsewhere.
+        self._batch = _Batch(self._next_batch)
+        self._drain_in_flight()
+        self._tracker = OffsetTracker()
+        self._committable = {}
+        self._assigned = set()
+        self._live = set()
+        self._publish_partition_gauges()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._batch = _Batch(self._next_batch)
+        self._tracker = OffsetTracker()
+        self._committable = {}
+        self._assigned = set()
+        self._live = set()
+        self._publish_partition_gauges()
+
+    # --- end ----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self._pause_all()
+        if self._graceful_stop:
+            self._submit()
+            self._drain_in_flight()
+        self._consumer.close()  # leaves the group
+        self._sink.close()
+
+    def _snapshot(self) -> DestinationStatus:
+        if self._stopped_reason:
+            state = "stopped"
+        elif self._cooldown_until is not None:
+            state = "cooldown"
+        elif self._live:
+            state = "active"
+        else:
+            state = "active" if self._want_active and not self._assigned else "paused"
+        return DestinationStatus(
+            route=self.spec.route,
+            cluster=self.spec.cluster,
+            group=self.spec.group,
+            state=state,
+            assigned=tuple(sorted(self._assigned)),
+            paused=tuple(sorted(self._assigned - self._live)),
+            in_flight=self._tracker.in_flight(),
+            buffered=len(self._batch.values),
+            error=self._stopped_reason,
+        )

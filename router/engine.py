@@ -1,0 +1,438 @@
+"""The router: destinations per (route, cluster), a control loop that applies the policy, and
+live topology reloads.
+
+The control loop gathers the inputs of ``policy.decide`` (health verdicts, drain flags, the
+primary group's lag read from Kafka) every ``TICK`` seconds and carries out its actions on the
+destinations. A graceful deactivation (drain, hand-back) is waited for before the next cluster
+is activated, so that cluster reads the offsets the first one committed last.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from health.checker import ClusterSpec, HealthChecker
+from health.verdict import ClusterState, Verdict, VerdictSource
+from router.destination import Destination, DestinationSpec
+from router.errors import ConfigError, SourceError
+from router.kafka import DeadLetterProducer, KafkaAdmin
+from router.metrics import Metrics
+from router.offsets import TopicPart
+from router.policy import Activate, ClusterView, Deactivate, RouteView, StartFrom, decide
+from router.sink import InfluxSink, InfluxTarget
+from router.topology import ClusterConfig, RouteConfig, Topology, load_topology
+
+log = structlog.get_logger("router")
+
+TICK = 0.25
+LAG_EVERY = 2.0
+
+
+def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
+    creds = cluster.credentials()
+    return InfluxTarget(
+        cluster=name,
+        api=cluster.api,
+        database=cluster.database,
+        retention_policy=cluster.retention_policy,
+        org=cluster.org,
+        bucket=cluster.bucket,
+        precision=cluster.precision,
+        username=creds[0] if creds else None,
+        password=creds[1] if creds else None,
+        token=cluster.token(),
+        timeout=cluster.write_timeout,
+        max_retries=cluster.max_retries,
+        gzip=cluster.gzip,
+    )
+
+
+def health_specs(topology: Topology) -> dict[str, ClusterSpec]:
+    return {
+        name: ClusterSpec(api=c.api, nodes=tuple(c.urls), min_healthy=c.min_healthy)
+        for name, c in topology.clusters.items()
+    }
+
+
+def route_view(route: RouteConfig) -> RouteView:
+    return RouteView(
+        name=route.name,
+        mode=route.mode,
+        destinations=route.destinations,
+        skip_missed=route.skip_missed,
+        handback_lag=route.handback_lag,
+    )
+
+
+@dataclass
+class _RouteRuntime:
+    config: RouteConfig
+    fingerprint: str
+    destinations: dict[str, Destination]
+    active: set[str] = field(default_factory=set)
+    partitions: list[TopicPart] = field(default_factory=list)
+    lag: dict[str, int] = field(default_factory=dict)  # cluster -> messages not committed
+
+
+class Router:
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        topology_path: str | Path | None = None,
+        datacenter: str | None = None,
+        metrics: Metrics | None = None,
+        verdicts: VerdictSource | None = None,
+    ) -> None:
+        self.topology = topology
+        self._path = Path(topology_path) if topology_path else None
+        self._datacenter = datacenter
+        self._file_hash = self._hash_file() if self._path else ""
+        self.metrics = metrics or Metrics()
+        self._kafka_config = topology.kafka.librdkafka_config()
+        self._admin = KafkaAdmin(self._kafka_config)
+        self._dlq = DeadLetterProducer(self._kafka_config, topology.kafka.dead_letters)
+        self._own_health: HealthChecker | None = None
+        if verdicts is None:
+            h = topology.health
+            self._own_health = HealthChecker(
+                health_specs(topology),
+                interval=h.interval,
+                timeout=h.timeout,
+                fall=h.fall,
+                rise=h.rise,
+            )
+            verdicts = self._own_health
+        self.verdicts: VerdictSource = verdicts
+        self.verdicts.subscribe(self._on_verdict)
+        self._routes: dict[str, _RouteRuntime] = {}
+        self._misconfigured: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self.last_tick = 0.0
+        self.reload_error = ""
+        self.started_at = time.time()
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._own_health is not None:
+            self._own_health.start()
+        with self._lock:
+            for route in self.topology.routes:
+                self._routes[route.name] = self._build_route(route)
+        log.info(
+            "router_started",
+            datacenter=self.topology.datacenter,
+            routes=len(self.topology.routes),
+            clusters=len(self.topology.clusters),
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop fetching, finish in-flight writes, commit, leave the groups."""
+        log.info("router_stopping", reason="stop requested")
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        with self._lock:
+            routes = list(self._routes.values())
+            self._routes = {}
+        self._stop_destinations([d for r in routes for d in r.destinations.values()], timeout)
+        if self._own_health is not None:
+            self._own_health.stop()
+        self._dlq.close()
+
+    def _stop_destinations(self, dests: list[Destination], timeout: float) -> None:
+        threads = [threading.Thread(target=d.stop, args=(timeout,)) for d in dests]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+
+    # --- building -----------------------------------------------------------------------
+
+    def _fingerprint(self, route: RouteConfig) -> str:
+        """What, if changed, needs the route's destinations rebuilt (drain flags excluded)."""
+        clusters = {
+            c: self.topology.clusters[c].model_dump(exclude={"drain"}) for c in route.destinations
+        }
+        raw = repr((route.model_dump(), clusters, self.topology.kafka.model_dump()))
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def _build_route(self, route: RouteConfig) -> _RouteRuntime:
+        groups = tuple(self.topology.group_id(route.name, c) for c in route.destinations)
+        dests = {}
+        for cluster in route.destinations:
+            cfg = self.topology.clusters[cluster]
+            spec = DestinationSpec(
+                route=route.name,
+                cluster=cluster,
+                group=self.topology.group_id(route.name, cluster),
+                topics=route.topics,
+                peer_groups=groups,
+                max_points=route.batch.max_points,
+                max_bytes=route.batch.max_bytes,
+                linger=route.batch.linger,
+                max_in_flight=route.batch.max_in_flight,
+                # one batch with retries; bisection of a 400 makes more requests: be generous
+                write_deadline=max(60.0, 4 * (cfg.max_retries + 1) * cfg.write_timeout),
+            )
+            sink = InfluxSink(
+                influx_target(cluster, cfg),
+                nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
+                on_node_result=functools.partial(self.verdicts.report_write, cluster),
+            )
+            dest = Destination(
+                spec,
+                kafka_config=self._kafka_config,
+                sink=sink,
+                admin=self._admin,
+                dead_letters=self._dlq,
+                metrics=self.metrics,
+                on_misconfigured=self._on_misconfigured,
+            )
+            dest.start()
+            dests[cluster] = dest
+        return _RouteRuntime(route, self._fingerprint(route), dests)
+
+    # --- control loop -------------------------------------------------------------------
+
+    def _on_verdict(self, old: Verdict, new: Verdict) -> None:
+        self._wake.set()
+
+    def _on_misconfigured(self, cluster: str, why: str) -> None:
+        with self._lock:
+            self._misconfigured[cluster] = why
+        self._wake.set()
+
+    def _views(self) -> dict[str, ClusterView]:
+        views = {}
+        for name, cfg in self.topology.clusters.items():
+            v = self.verdicts.verdict(name)
+            healthy = v.state is ClusterState.UP and name not in self._misconfigured
+            reason = self._misconfigured.get(name, v.reason)
+            views[name] = ClusterView(healthy=healthy, drained=cfg.drain, reason=reason)
+            self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
+            self.metrics.cluster_drained.labels(cluster=name).set(1 if cfg.drain else 0)
+        return views
+
+    def _loop(self) -> None:
+        last_lag = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(TICK)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._maybe_reload()
+            now = time.monotonic()
+            poll_lag = now - last_lag >= LAG_EVERY
+            with self._lock:
+                views = self._views()
+                for rt in list(self._routes.values()):
+                    try:
+                        if poll_lag or self._replaying(rt):
+                            self._refresh_lag(rt)
+                        self._step(rt, views)
+                    except SourceError as exc:
+                        log.warning("control_error", route=rt.config.name, error=str(exc))
+            if poll_lag:
+                last_lag = now
+            self.last_tick = time.time()
+
+    def _replaying(self, rt: _RouteRuntime) -> bool:
+        """A returning primary replays next to a standby: its lag decides the hand-back."""
+        return rt.config.mode == "failover" and len(rt.active) > 1
+
+    def _refresh_lag(self, rt: _RouteRuntime) -> None:
+        rt.partitions = self._admin.partitions(rt.config.topics)
+        for cluster in rt.config.destinations:
+            group = self.topology.group_id(rt.config.name, cluster)
+            lag = self._admin.lag(group, rt.partitions)
+            rt.lag[cluster] = sum(lag.values())
+            per_topic: dict[str, int] = {}
+            for (topic, _p), n in lag.items():
+                per_topic[topic] = per_topic.get(topic, 0) + n
+            for topic, n in per_topic.items():
+                self.metrics.consumer_lag.labels(
+                    route=rt.config.name, cluster=cluster, topic=topic
+                ).set(n)
+
+    def _step(self, rt: _RouteRuntime, views: Mapping[str, ClusterView]) -> None:
+        route = route_view(rt.config)
+        actions = decide(route, views, frozenset(rt.active), rt.lag.get(route.primary))
+        for action in actions:
+            dest = rt.destinations[action.cluster]
+            if isinstance(action, Deactivate):
+                serving_before = set(rt.active)
+                dest.deactivate(
+                    action.graceful,
+                    action.reason,
+                    timeout=dest.spec.write_deadline if action.graceful else None,
+                )
+                rt.active.discard(action.cluster)
+                if action.cluster != route.primary and route.primary in serving_before:
+                    log.warning(
+                        "handback",
+                        route=route.name,
+                        from_cluster=action.cluster,
+                        to_cluster=route.primary,
+                        reason=action.reason,
+                    )
+            elif isinstance(action, Activate):
+                if action.start is StartFrom.TAKEOVER:
+                    from_cluster = next(
+                        (
+                            c
+                            for c in route.destinations
+                            if c != action.cluster and not views.get(c, ClusterView(False)).usable
+                        ),
+                        route.primary,
+                    )
+                    self.metrics.failovers.labels(route=route.name, cluster=action.cluster).inc()
+                    log.warning(
+                        "failover",
+                        route=route.name,
+                        from_cluster=from_cluster,
+                        to_cluster=action.cluster,
+                        reason=action.reason,
+                    )
+                dest.activate(action.start)
+                rt.active.add(action.cluster)
+
+    # --- topology reload ----------------------------------------------------------------
+
+    def _hash_file(self) -> str:
+        assert self._path is not None
+        try:
+            return hashlib.sha256(self._path.read_bytes()).hexdigest()
+        except OSError:
+            return ""
+
+    def _maybe_reload(self) -> None:
+        if self._path is None:
+            return
+        digest = self._hash_file()
+        if not digest or digest == self._file_hash:
+            return
+        self._file_hash = digest
+        try:
+            new = load_topology(self._path, datacenter=self._datacenter)
+        except ConfigError as exc:
+            self.reload_error = "; ".join(exc.errors)
+            self.metrics.topology_reloads.labels(outcome="rejected").inc()
+            self.metrics.topology_valid.set(0)
+            log.error(
+                "topology_rejected",
+                path=str(self._path),
+                errors=exc.errors,
+                reason="invalid topology; still running on the last good one",
+            )
+            return
+        self.reload_error = ""
+        self.metrics.topology_valid.set(1)
+        self.metrics.topology_reloads.labels(outcome="applied").inc()
+        self.apply(new)
+
+    def apply(self, new: Topology) -> None:
+        """Move to a new valid topology without a restart."""
+        with self._lock:
+            old = self.topology
+            changed_clusters = {
+                n
+                for n, c in new.clusters.items()
+                if n not in old.clusters
+                or old.clusters[n].model_dump(exclude={"drain"}) != c.model_dump(exclude={"drain"})
+            }
+            for n in changed_clusters:
+                self._misconfigured.pop(n, None)
+            self.topology = new
+            if self._own_health is not None:
+                self._own_health.update(health_specs(new))
+            wanted = {r.name: r for r in new.routes}
+            stale = []
+            for name, rt in list(self._routes.items()):
+                if name not in wanted or self._fingerprint(wanted[name]) != rt.fingerprint:
+                    stale.append(rt)
+                    del self._routes[name]
+            self._stop_destinations([d for rt in stale for d in rt.destinations.values()], 60.0)
+            for name, route in wanted.items():
+                if name not in self._routes:
+                    self._routes[name] = self._build_route(route)
+            drains = sorted(n for n, c in new.clusters.items() if c.drain)
+            log.info(
+                "topology_reloaded",
+                routes=len(new.routes),
+                rebuilt=len(stale),
+                drained=",".join(drains) or "none",
+            )
+        self._wake.set()
+
+    # --- observation --------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.last_tick > 0 and not self._stop.is_set()
+
+    def alive(self) -> bool:
+        return self.last_tick == 0 or time.time() - self.last_tick < 15
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            clusters = {}
+            for name, cfg in self.topology.clusters.items():
+                v = self.verdicts.verdict(name)
+                clusters[name] = {
+                    "state": v.state.value,
+                    "since": v.since,
+                    "reason": self._misconfigured.get(name, v.reason),
+                    "drain": cfg.drain,
+                    "misconfigured": name in self._misconfigured,
+                    "healthy_nodes": len(self.verdicts.healthy_nodes(name)),
+                    "nodes": len(cfg.urls),
+                }
+            routes = []
+            for rt in self._routes.values():
+                dests = []
+                for cluster, dest in rt.destinations.items():
+                    st = dest.status
+                    dests.append(
+                        {
+                            "cluster": cluster,
+                            "group": st.group,
+                            "active": cluster in rt.active,
+                            "state": st.state,
+                            "lag": rt.lag.get(cluster),
+                            "assigned": len(st.assigned),
+                            "paused": len(st.paused),
+                            "in_flight": st.in_flight,
+                            "error": st.error,
+                        }
+                    )
+                routes.append(
+                    {
+                        "name": rt.config.name,
+                        "mode": rt.config.mode,
+                        "topics": list(rt.config.topics),
+                        "primary": rt.config.destinations[0],
+                        "active": sorted(rt.active),
+                        "destinations": dests,
+                    }
+                )
+        return {
+            "datacenter": self.topology.datacenter,
+            "started_at": self.started_at,
+            "topology_error": self.reload_error,
+            "clusters": clusters,
+            "routes": routes,
+        }

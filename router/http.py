@@ -1,0 +1,84 @@
+"""The router's HTTP face: /metrics, /healthz, /readyz, /api/status and the status page."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.events import RECENT
+from router.metrics import Metrics
+
+
+class Observable(Protocol):
+    metrics: Metrics
+
+    def ready(self) -> bool: ...
+    def alive(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+def _page() -> bytes:
+    return files("router").joinpath("static/status.html").read_bytes()
+
+
+class StatusServer:
+    def __init__(self, router: Observable, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._router = router
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # access logs would drown the events
+
+            def do_GET(self) -> None:
+                outer.handle(self)
+
+        self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        path = req.path.split("?", 1)[0]
+        r = self._router
+        if path == "/metrics":
+            self._send(req, 200, generate_latest(r.metrics.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            ok = r.alive()
+            self._send(req, 200 if ok else 503, b"ok\n" if ok else b"stalled\n", "text/plain")
+        elif path == "/readyz":
+            ok = r.ready()
+            self._send(req, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+        elif path == "/api/status":
+            body = {**r.status(), "events": RECENT.snapshot()[-50:]}
+            self._send(req, 200, json.dumps(body).encode(), "application/json")
+        elif path in ("/", "/index.html"):
+            self._send(req, 200, _page(), "text/html; charset=utf-8")
+        else:
+            self._send(req, 404, b"not found\n", "text/plain")
+
+    @staticmethod
+    def _send(req: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
+        req.send_response(code)
+        req.send_header("Content-Type", ctype)
+        req.send_header("Content-Length", str(len(body)))
+        req.send_header("Cache-Control", "no-store")
+        req.end_headers()
+        req.wfile.write(body)
