@@ -360,3 +360,55 @@ def test_retention_gap_is_counted_exactly(world: World) -> None:
     assert sorted(e["lost"] for e in gaps) == [50] * sc.partitions
     sc.wait_count("a", 1200 - lost, timeout=60)
     sc.wait_committed_to_end(ROUTE, "a")
+
+
+def test_skip_missed_primary_jumps_forward_and_records_the_gap(world: World) -> None:
+    """With skip_missed the returning primary does not replay: it starts where the standby is,
+    and the skipped range is counted exactly, as a metric and as events."""
+    sc = world.sc
+    router = world.start(sc.topology(skip_missed=True))
+    sc.produce(0, 400)
+    sc.wait_count("a", 400)
+    sc.wait_committed_to_end(ROUTE, "a")
+    world.toxiproxy.set_enabled(sc.env["INFLUX_A_PROXY_NAME"], False)
+    wait_paused(router, ROUTE, "a")
+    sc.produce(400, 800)
+    sc.wait_committed_to_end(ROUTE, "b")
+    world.toxiproxy.set_enabled(sc.env["INFLUX_A_PROXY_NAME"], True)
+    wait_until(
+        lambda: router.metric("frouter_skipped_messages_total", cluster="influx-a") == 800,
+        timeout=60,
+        what="the skipped range counted",
+    )
+    assert sum(e["count"] for e in router.events("skipped_range")) == 800
+    sc.wait_committed_to_end(ROUTE, "a")  # the skip is recorded as the group's progress
+    sc.produce(1200, 400)
+    sc.wait_committed_to_end(ROUTE, "a")
+    sc.wait_count("a", 800)
+    assert sc.values("a") == set(range(400)) | set(range(1200, 1600))
+    wait_paused(router, ROUTE, "b")
+
+
+def test_misconfigured_primary_is_stopped_loudly_and_never_committed(world: World) -> None:
+    """A database InfluxDB does not know stops that destination (no commit past it), says so
+    in status, events and metrics, and the route fails over to the standby."""
+    sc = world.sc
+    doc = sc.topology()
+    doc["clusters"]["influx-a"]["database"] = f"missing_{sc.tag}"
+    router = world.start(doc)
+    sc.produce(0, 500)
+    wait_until(
+        lambda: router.status()["clusters"]["influx-a"]["misconfigured"],
+        timeout=30,
+        what="influx-a reported misconfigured",
+    )
+    wait_until(
+        lambda: router.destination(ROUTE, "a")["state"] == "stopped",
+        timeout=10,
+        what="influx-a destination stopped",
+    )
+    sc.wait_count("b", 500)
+    sc.wait_committed_to_end(ROUTE, "b")
+    assert all(o < 0 for o in sc.committed(ROUTE, "a").values())
+    assert router.events("sink_misconfigured")
+    assert router.metric("frouter_destination_misconfigured", cluster="influx-a") == 1
