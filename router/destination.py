@@ -30,6 +30,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from router.errors import SinkError, SinkMisconfigured, SourceError
+from router.graphite import GraphiteConverter
 from router.kafka import NO_OFFSET, DeadLetter, DeadLetterProducer, KafkaAdmin
 from router.metrics import Metrics
 from router.offsets import OffsetTracker, TopicPart
@@ -51,6 +52,7 @@ class DestinationSpec:
     linger: float
     max_in_flight: int
     write_deadline: float  # how long one batch may take with its retries (revoke/drain wait)
+    graphite_templates: tuple[str, ...] = ()  # set: messages are graphite, converted first
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Batch:
     origins: list[TopicPart] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     last: dict[TopicPart, int] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)  # refused before the write
     points: int = 0
     size: int = 0
     started: float = 0.0
@@ -161,6 +164,9 @@ class Destination:
         )
         self._status = self._snapshot()
         self._labels = {"route": spec.route, "cluster": spec.cluster}
+        self._graphite = (
+            GraphiteConverter(spec.graphite_templates) if spec.graphite_templates else None
+        )
 
     # --- called from other threads ------------------------------------------------------
 
@@ -235,9 +241,28 @@ class Destination:
             if not value:
                 continue
             offset = msg.offset() or 0
-            self._batch.add(tp, offset, bytes(value))
+            payload = bytes(value)
+            if self._graphite is not None:
+                payload = self._from_graphite(tp, offset, payload)
+                if not payload:
+                    continue
+            self._batch.add(tp, offset, payload)
             if self._batch_full():
                 self._submit()
+
+    def _from_graphite(self, tp: TopicPart, offset: int, payload: bytes) -> bytes:
+        """Graphite plaintext -> line protocol; bad lines ride along to the dead letters."""
+        assert self._graphite is not None
+        lines, bad = self._graphite.convert(payload, time.time_ns())
+        if bad:
+            if not self._batch.values:
+                self._batch.started = time.monotonic()
+            self._batch.dead.extend(
+                DeadLetter(line, reason, tp[0], tp[1], offset, self.spec.cluster, self.spec.route)
+                for line, reason in bad
+            )
+            self._batch.last[tp] = max(self._batch.last.get(tp, offset), offset)
+        return lines
 
     def _batch_full(self) -> bool:
         b = self._batch
@@ -245,13 +270,13 @@ class Destination:
 
     def _maybe_flush(self) -> None:
         b = self._batch
-        if b.values and time.monotonic() - b.started >= self.spec.linger:
+        if (b.values or b.dead) and time.monotonic() - b.started >= self.spec.linger:
             self._submit()
 
     def _submit(self) -> None:
         batch = self._batch
         self._batch = _Batch(self._next_batch + 1)
-        if not batch.values:
+        if not batch.values and not batch.dead:
             return
         batch.batch_id = self._next_batch
         self._next_batch += 1
@@ -268,27 +293,26 @@ class Destination:
         """Runs on a pool thread: write, dead-letter the rejected lines, report the outcome."""
         started = time.monotonic()
         try:
-            rejected = self._sink.write(batch.values)
-            if rejected:
-                self._dlq.send(
-                    DeadLetter(
-                        line=r.line,
-                        reason=r.reason,
-                        topic=batch.origins[r.index][0],
-                        partition=batch.origins[r.index][1],
-                        offset=batch.offsets[r.index],
-                        cluster=self.spec.cluster,
-                        route=self.spec.route,
-                    )
-                    for r in rejected
+            rejected = self._sink.write(batch.values) if batch.values else []
+            letters = batch.dead + [
+                DeadLetter(
+                    line=r.line,
+                    reason=r.reason,
+                    topic=batch.origins[r.index][0],
+                    partition=batch.origins[r.index][1],
+                    offset=batch.offsets[r.index],
+                    cluster=self.spec.cluster,
+                    route=self.spec.route,
                 )
-                for r in rejected:
-                    self._metrics.dead_letters.labels(
-                        **self._labels, topic=batch.origins[r.index][0]
-                    ).inc()
+                for r in rejected
+            ]
+            if letters:
+                self._dlq.send(letters)
+                for dl in letters:
+                    self._metrics.dead_letters.labels(**self._labels, topic=dl.topic).inc()
         except (SinkError, SourceError) as exc:
             return _Outcome(batch, error=exc, seconds=time.monotonic() - started)
-        return _Outcome(batch, rejected=len(rejected), seconds=time.monotonic() - started)
+        return _Outcome(batch, rejected=len(letters), seconds=time.monotonic() - started)
 
     def _settle_outcomes(self, block: bool, timeout: float = 0.0) -> None:
         try:
@@ -312,7 +336,8 @@ class Destination:
         self._metrics.write_seconds.labels(**labels).observe(outcome.seconds)
         if outcome.error is None:
             self._metrics.batches.labels(**labels, outcome="ok").inc()
-            self._metrics.points_written.labels(**labels).inc(batch.points - outcome.rejected)
+            written = batch.points - outcome.rejected + len(batch.dead)
+            self._metrics.points_written.labels(**labels).inc(written)
             self._metrics.messages_written.labels(**labels).inc(len(batch.values))
             if outcome.rejected:
                 log.warning("dead_letters", **labels, lines=outcome.rejected, topic=self._dlq.topic)

@@ -9,6 +9,7 @@ is activated, so that cluster reads the offsets the first one committed last.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import threading
@@ -188,9 +189,13 @@ class Router:
                 max_in_flight=route.batch.max_in_flight,
                 # one batch with retries; bisection of a 400 makes more requests: be generous
                 write_deadline=max(60.0, 4 * (cfg.max_retries + 1) * cfg.write_timeout),
+                graphite_templates=route.graphite_templates if route.format == "graphite" else (),
             )
+            target = influx_target(cluster, cfg)
+            if route.format == "graphite":  # converted lines carry nanosecond timestamps
+                target = dataclasses.replace(target, precision="ns")
             sink = InfluxSink(
-                influx_target(cluster, cfg),
+                target,
                 nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
                 on_node_result=functools.partial(self.verdicts.report_write, cluster),
             )

@@ -50,6 +50,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from router.errors import ConfigError
+from router.graphite import GraphiteError, parse_templates
 
 __all__ = [
     "BatchConfig",
@@ -641,6 +642,12 @@ class RouteConfig(_Model):
             problems.append((("graphite_templates",), "required when format is graphite"))
         if self.format == "line" and self.graphite_templates:
             problems.append((("graphite_templates",), "only for format graphite"))
+        if self.format == "graphite" and self.graphite_templates:
+            try:
+                parse_templates(self.graphite_templates)
+            except GraphiteError as exc:
+                where = ("graphite_templates", exc.index) if exc.index is not None else ()
+                problems.append((("graphite_templates", *where[1:]), str(exc)))
         if self.mode == "failover":
             if self.primary is None:
                 problems.append((("primary",), "required in failover mode"))

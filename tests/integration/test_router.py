@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from devstack import stack
@@ -412,3 +412,26 @@ def test_misconfigured_primary_is_stopped_loudly_and_never_committed(world: Worl
     assert all(o < 0 for o in sc.committed(ROUTE, "a").values())
     assert router.events("sink_misconfigured")
     assert router.metric("frouter_destination_misconfigured", cluster="influx-a") == 1
+
+
+def test_graphite_route_converts_with_templates_and_dead_letters_bad_lines(world: World) -> None:
+    """A graphite route turns `path value ts` into points by its templates; a line that is not
+    graphite goes to the dead-letter topic and the partition still commits to the end."""
+    sc = world.sc
+    router = world.start(
+        sc.topology(format="graphite", graphite_templates=["measurement.host.field"])
+    )
+    producer = Producer({"bootstrap.servers": sc.bootstrap})
+    for i in range(400):
+        value = "not-a-number" if i % 100 == 0 else str(i)
+        line = f"{sc.measurement}.h{i % 10}.value {value} {1_700_000_000 + i}"
+        producer.produce(sc.topic, line.encode(), partition=i % sc.partitions)
+    assert producer.flush(30) == 0
+    sc.wait_count("a", 396)
+    sc.wait_committed_to_end(ROUTE, "a")
+    assert sc.values("a") == set(range(400)) - {0, 100, 200, 300}
+    wait_until(
+        lambda: router.metric("frouter_dead_letters_total", cluster="influx-a") == 4,
+        timeout=20,
+        what="four dead letters",
+    )
