@@ -56,7 +56,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 say "downloading github.com/hashicorp/consul@$CONSUL_VERSION from the Go module proxy"
 json=$(go mod download -json "github.com/hashicorp/consul@$CONSUL_VERSION" 2>&1) || {
-  err=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p' | head -n1)
+  err=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p' | head -n1 | sed 's/\\[nt]/ /g; s/  */ /g')
   die "go mod download github.com/hashicorp/consul@$CONSUL_VERSION failed: ${err:-$json}"
 }
 field() { printf '%s\n' "$json" | sed -n "s/^[[:space:]]*\"$1\": \"\(.*\)\",*\$/\1/p" | head -n1; }

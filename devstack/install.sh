@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs, pinned, into the cache dir (outside the repo):
-#   Debian `influxdb` (apt), Apache Kafka jars (Maven Central), toxiproxy-server (Go module proxy).
+#   Debian `influxdb` (apt), Apache Kafka jars (Maven Central), toxiproxy-server and consul
+#   (built from the Go module proxy).
 # Idempotent: a warm cache makes this a few stat() calls.
 set -euo pipefail
 
@@ -76,4 +77,7 @@ if [ ! -x "$TOXI" ]; then
   rm -rf "$tmp"
 fi
 
-say "ok: kafka=$KAFKA_VERSION toxiproxy=$TOXIPROXY_VERSION influxd=$(command -v influxd)"
+# --- Consul (built from the Go module proxy; see build-consul.sh) -----------------------------
+bash "$HERE/build-consul.sh"
+
+say "ok: kafka=$KAFKA_VERSION toxiproxy=$TOXIPROXY_VERSION influxd=$(command -v influxd) consul=$(ls "$CACHE"/bin/consul-* | head -1)"

@@ -1,4 +1,4 @@
-"""The local stack: real Kafka (KRaft), three InfluxDB 1.x and Toxiproxy on 127.0.0.1.
+"""The local stack: real Kafka (KRaft), three InfluxDB 1.x, Toxiproxy and Consul on 127.0.0.1.
 
 Every server is a plain child process started from binaries that ``devstack/install.sh``
 put in the cache dir (``$FROUTER_CACHE``, default ``~/.cache/failover-router``). Run state
@@ -29,6 +29,7 @@ from confluent_kafka.admin import AdminClient
 
 KAFKA_VERSION = "4.1.1"
 TOXIPROXY_VERSION = "v2.5.0"
+CONSUL_VERSION = "v1.16.3"
 KAFKA_CLUSTER_ID = "ZnJvdXRlci1kZXZzdGFjaw"  # any 22-char base64 uuid; fixed so restarts reuse data
 INFLUX_NAMES = ("a", "b", "c")
 DATABASE = "metrics"
@@ -46,6 +47,10 @@ _BASE_PORTS = {
     "influx_a_proxy": 28086,
     "influx_b_proxy": 28087,
     "influx_c_proxy": 28088,
+    "consul_http": 18500,
+    "consul_server": 18300,
+    "consul_serf_lan": 18301,
+    "consul_serf_wan": 18302,
 }
 
 
@@ -92,6 +97,7 @@ def endpoints() -> dict[str, str]:
         env[f"INFLUX_{up}_PROXY_URL"] = f"http://127.0.0.1:{p[f'influx_{n}_proxy']}"
         env[f"INFLUX_{up}_PROXY_NAME"] = f"influx_{n}"
     env["INFLUX_DATABASE"] = DATABASE
+    env["CONSUL_HTTP_ADDR"] = f"127.0.0.1:{p['consul_http']}"
     return env
 
 
@@ -338,6 +344,64 @@ def _toxiproxy_service() -> Service:
     )
 
 
+# --- Consul -----------------------------------------------------------------------------
+
+
+def _consul_bin() -> Path:
+    return cache_dir() / "bin" / f"consul-{CONSUL_VERSION}"
+
+
+def _consul_ready() -> bool:
+    try:
+        resp = httpx.get(f"http://{endpoints()['CONSUL_HTTP_ADDR']}/v1/status/leader", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200 and resp.json() not in ("", None)
+
+
+def _consul_service() -> Service:
+    """A dev agent (in-memory server, its own leader) on non-default ports, no DNS/gRPC."""
+    p = ports()
+    return Service(
+        name="consul",
+        argv=[
+            str(_consul_bin()),
+            "agent",
+            "-dev",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-advertise",
+            "127.0.0.1",
+            "-node",
+            "devstack",
+            "-http-port",
+            str(p["consul_http"]),
+            "-server-port",
+            str(p["consul_server"]),
+            "-serf-lan-port",
+            str(p["consul_serf_lan"]),
+            "-serf-wan-port",
+            str(p["consul_serf_wan"]),
+            "-dns-port",
+            "-1",
+            "-grpc-port",
+            "-1",
+            "-grpc-tls-port",
+            "-1",
+            "-https-port",
+            "-1",
+            "-log-level",
+            "warn",
+        ],
+        port=p["consul_http"],
+        extra_ports=(p["consul_server"], p["consul_serf_lan"], p["consul_serf_wan"]),
+        ready=_consul_ready,
+        marker=f"consul-{CONSUL_VERSION}",
+    )
+
+
 def _kafka_service() -> Service:
     p = ports()
     home = stack_dir() / "kafka"
@@ -360,7 +424,12 @@ def _kafka_service() -> Service:
 
 
 def services() -> list[Service]:
-    return [_kafka_service(), *(_influx_service(n) for n in INFLUX_NAMES), _toxiproxy_service()]
+    return [
+        _kafka_service(),
+        *(_influx_service(n) for n in INFLUX_NAMES),
+        _toxiproxy_service(),
+        _consul_service(),
+    ]
 
 
 def _check_installed() -> None:
@@ -373,6 +442,8 @@ def _check_installed() -> None:
         missing.append("java")
     if not _toxiproxy_bin().exists():
         missing.append(f"toxiproxy-server ({_toxiproxy_bin()})")
+    if not _consul_bin().exists():
+        missing.append(f"consul ({_consul_bin()})")
     if missing:
         raise StackError(f"missing: {', '.join(missing)}; run ./dev setup (devstack/install.sh)")
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 import structlog
 
+from health.consul import ConsulSettings
 from router.engine import Router
 from router.errors import ConfigError, RouterError
 from router.events import configure_logging
@@ -20,15 +23,44 @@ from router.topology import check_topology_main, load_topology
 log = structlog.get_logger("router")
 
 
-def run(topology_path: str, datacenter: str | None, listen: str | None) -> int:
+def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings | None:
+    if not args.consul_addr:
+        return None
+    token = os.environ.get("CONSUL_HTTP_TOKEN") or None
+    if args.consul_token_file:
+        try:
+            token = Path(args.consul_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"--consul-token-file: cannot read: {exc.strerror}"]) from exc
+    return ConsulSettings(
+        address=args.consul_addr,
+        token=token,
+        prefix=args.consul_prefix,
+        session_ttl=args.consul_session_ttl,
+        advertise=advertise,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    topology_path: str = args.topology
     try:
-        topology = load_topology(topology_path, datacenter=datacenter)
+        topology = load_topology(topology_path, datacenter=args.datacenter)
+        server = StatusServer(args.listen or topology.http.listen)
+        host = args.advertise_address or server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())
+        consul = consul_settings(args, f"{host}:{server.port}")
+        router = Router(
+            topology, topology_path=topology_path, datacenter=args.datacenter, consul=consul
+        )
     except ConfigError as exc:
         for err in exc.errors:
             print(f"{topology_path}: {err}", file=sys.stderr)
         return 1
-    router = Router(topology, topology_path=topology_path, datacenter=datacenter)
-    server = StatusServer(router, listen or topology.http.listen)
+    except OSError as exc:
+        print(f"failover-router: cannot listen: {exc.strerror}", file=sys.stderr)
+        return 1
+    server.router = router
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -59,6 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         help="host:port of the HTTP server (default: topology http.listen)",
     )
     p_run.add_argument("--log-level", default=os.environ.get("FROUTER_LOG_LEVEL", "info"))
+    p_run.add_argument(
+        "--consul-addr",
+        default=os.environ.get("CONSUL_HTTP_ADDR"),
+        help="Consul agent (host:port or URL); enables discovery, the shared verdict, KV "
+        "drains and self-registration. Token: CONSUL_HTTP_TOKEN or --consul-token-file",
+    )
+    p_run.add_argument("--consul-token-file", default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"))
+    p_run.add_argument(
+        "--consul-prefix", default=os.environ.get("FROUTER_CONSUL_PREFIX", "failover-router")
+    )
+    p_run.add_argument(
+        "--consul-session-ttl", type=float, default=10.0, help="seconds (Consul accepts 10..86400)"
+    )
+    p_run.add_argument(
+        "--advertise-address",
+        default=os.environ.get("FROUTER_ADVERTISE_ADDRESS"),
+        help="address Consul's check uses to reach /healthz (default: the listen host)",
+    )
     p_check = sub.add_parser("check-topology", help="validate a topology file; exit 0 or 1")
     p_check.add_argument("file")
     p_check.add_argument("--datacenter", default=None)
@@ -67,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_topology_main(args.file, args.datacenter)
     configure_logging(args.log_level)
     try:
-        return run(args.topology, args.datacenter, args.listen)
+        return run(args)
     except RouterError as exc:
         log.error("router_failed", error=str(exc))
         return 1

@@ -22,6 +22,8 @@ from typing import Any
 import structlog
 
 from health.checker import ClusterSpec, HealthChecker
+from health.consul import ConsulSettings
+from health.shared import ClusterSource, DiscoverySpec, SharedVerdict, replica_id
 from health.verdict import ClusterState, Verdict, VerdictSource
 from router.destination import Destination, DestinationSpec
 from router.errors import ConfigError, SourceError
@@ -64,6 +66,33 @@ def health_specs(topology: Topology) -> dict[str, ClusterSpec]:
     }
 
 
+def cluster_sources(topology: Topology) -> dict[str, ClusterSource]:
+    return {
+        name: ClusterSource(
+            api=c.api,
+            min_healthy=c.min_healthy,
+            urls=tuple(c.urls),
+            discovery=DiscoverySpec(c.consul_service, c.consul_tag, c.consul_datacenter)
+            if c.consul_service
+            else None,
+        )
+        for name, c in topology.clusters.items()
+    }
+
+
+def needs_consul(topology: Topology, consul: ConsulSettings | None) -> None:
+    """A cluster found through Consul cannot work without a Consul address: refuse early."""
+    if consul is not None:
+        return
+    errors = [
+        f"clusters.{name}.consul_service: needs Consul (--consul-addr or CONSUL_HTTP_ADDR)"
+        for name, c in topology.clusters.items()
+        if c.consul_service
+    ]
+    if errors:
+        raise ConfigError(errors)
+
+
 def route_view(route: RouteConfig) -> RouteView:
     return RouteView(
         name=route.name,
@@ -93,8 +122,11 @@ class Router:
         datacenter: str | None = None,
         metrics: Metrics | None = None,
         verdicts: VerdictSource | None = None,
+        consul: ConsulSettings | None = None,
     ) -> None:
+        needs_consul(topology, consul)
         self.topology = topology
+        self._consul = consul
         self._path = Path(topology_path) if topology_path else None
         self._datacenter = datacenter
         self._file_hash = self._hash_file() if self._path else ""
@@ -103,17 +135,30 @@ class Router:
         self._admin = KafkaAdmin(self._kafka_config)
         self._dlq = DeadLetterProducer(self._kafka_config, topology.kafka.dead_letters)
         self._own_health: HealthChecker | None = None
+        self.shared: SharedVerdict | None = None
         if verdicts is None:
             h = topology.health
             self._own_health = HealthChecker(
-                health_specs(topology),
+                {} if consul else health_specs(topology),
                 interval=h.interval,
                 timeout=h.timeout,
                 fall=h.fall,
                 rise=h.rise,
             )
             verdicts = self._own_health
+            if consul is not None:
+                port = int(consul.advertise.rpartition(":")[2] or 0)
+                self.shared = SharedVerdict(
+                    consul,
+                    self._own_health,
+                    cluster_sources(topology),
+                    datacenter=topology.datacenter,
+                    replica=replica_id(topology.datacenter, port),
+                )
+                verdicts = self.shared
         self.verdicts: VerdictSource = verdicts
+        self._seen_leader_changes = 0
+        self._seen_consul_errors = 0
         self.verdicts.subscribe(self._on_verdict)
         self._routes: dict[str, _RouteRuntime] = {}
         self._misconfigured: dict[str, str] = {}
@@ -128,7 +173,9 @@ class Router:
     # --- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._own_health is not None:
+        if self.shared is not None:
+            self.shared.start()  # starts the local checker too
+        elif self._own_health is not None:
             self._own_health.start()
         with self._lock:
             for route in self.topology.routes:
@@ -151,7 +198,9 @@ class Router:
             routes = list(self._routes.values())
             self._routes = {}
         self._stop_destinations([d for r in routes for d in r.destinations.values()], timeout)
-        if self._own_health is not None:
+        if self.shared is not None:
+            self.shared.stop()  # releases the lock, deregisters, stops the local checker
+        elif self._own_health is not None:
             self._own_health.stop()
         self._dlq.close()
 
@@ -222,16 +271,35 @@ class Router:
             self._misconfigured[cluster] = why
         self._wake.set()
 
+    def _drained(self, name: str) -> bool:
+        """The topology's flag OR the Consul KV override: either one drains."""
+        kv = self.shared is not None and self.shared.drained(name)
+        return self.topology.clusters[name].drain or kv
+
     def _views(self) -> dict[str, ClusterView]:
         views = {}
-        for name, cfg in self.topology.clusters.items():
+        for name in self.topology.clusters:
             v = self.verdicts.verdict(name)
             healthy = v.state is ClusterState.UP and name not in self._misconfigured
             reason = self._misconfigured.get(name, v.reason)
-            views[name] = ClusterView(healthy=healthy, drained=cfg.drain, reason=reason)
+            drained = self._drained(name)
+            views[name] = ClusterView(healthy=healthy, drained=drained, reason=reason)
             self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
-            self.metrics.cluster_drained.labels(cluster=name).set(1 if cfg.drain else 0)
+            self.metrics.cluster_drained.labels(cluster=name).set(1 if drained else 0)
+        self._publish_consul_metrics()
         return views
+
+    def _publish_consul_metrics(self) -> None:
+        shared = self.shared
+        m = self.metrics
+        m.verdict_local.set(0 if shared is not None and shared.source == "shared" else 1)
+        if shared is None:
+            return
+        m.consul_leader.set(1 if shared.is_leader else 0)
+        m.leader_changes.inc(shared.leader_changes - self._seen_leader_changes)
+        self._seen_leader_changes = shared.leader_changes
+        m.consul_errors.inc(shared.consul_errors - self._seen_consul_errors)
+        self._seen_consul_errors = shared.consul_errors
 
     def _loop(self) -> None:
         last_lag = 0.0
@@ -334,6 +402,7 @@ class Router:
         self._file_hash = digest
         try:
             new = load_topology(self._path, datacenter=self._datacenter)
+            needs_consul(new, self._consul)
         except ConfigError as exc:
             self.reload_error = "; ".join(exc.errors)
             self.metrics.topology_reloads.labels(outcome="rejected").inc()
@@ -363,7 +432,9 @@ class Router:
             for n in changed_clusters:
                 self._misconfigured.pop(n, None)
             self.topology = new
-            if self._own_health is not None:
+            if self.shared is not None:
+                self.shared.set_sources(cluster_sources(new))
+            elif self._own_health is not None:
                 self._own_health.update(health_specs(new))
             wanted = {r.name: r for r in new.routes}
             stale = []
@@ -401,7 +472,10 @@ class Router:
                     "state": v.state.value,
                     "since": v.since,
                     "reason": self._misconfigured.get(name, v.reason),
-                    "drain": cfg.drain,
+                    "drain": self._drained(name),
+                    "drain_source": "topology"
+                    if cfg.drain
+                    else ("consul" if self._drained(name) else ""),
                     "misconfigured": name in self._misconfigured,
                     "healthy_nodes": len(self.verdicts.healthy_nodes(name)),
                     "nodes": len(cfg.urls),
@@ -434,8 +508,17 @@ class Router:
                         "destinations": dests,
                     }
                 )
+        shared = self.shared
+        verdict = {
+            "source": shared.source if shared is not None else "local",
+            "consul": shared is not None,
+            "replica": shared.replica if shared is not None else "",
+            "leader": shared.leader if shared is not None else "",
+            "is_leader": shared.is_leader if shared is not None else False,
+        }
         return {
             "datacenter": self.topology.datacenter,
+            "verdict": verdict,
             "started_at": self.started_at,
             "topology_error": self.reload_error,
             "clusters": clusters,

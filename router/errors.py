@@ -5,6 +5,8 @@ py-consul, pydantic, PyYAML) are translated once, at the adapter that calls the 
     RouterError
     ├── ConfigError            topology invalid: .errors holds every "key.path: message (line N)"
     ├── SourceError            Kafka: cannot consume, commit, produce dead letters, read offsets
+    ├── ConsulError            Consul unreachable or refused a call (the router falls back to
+    │                          its local verdict; never fatal)
     └── SinkError              an InfluxDB write did not succeed
         ├── SinkUnavailable    5xx, connection refused/reset: retry, then a health signal
         │   └── SinkTimeout    no answer within the write timeout (also retried)
@@ -31,6 +33,10 @@ class ConfigError(RouterError):
 
 class SourceError(RouterError):
     """Kafka did not do what we asked (consume, commit, produce, list offsets)."""
+
+
+class ConsulError(RouterError):
+    """A Consul call failed: the agent is unreachable, timed out, or refused (ACL)."""
 
 
 class SinkError(RouterError):

@@ -27,9 +27,12 @@ def _page() -> bytes:
 
 
 class StatusServer:
-    def __init__(self, router: Observable, listen: str) -> None:
+    """Binds at construction (so the port is known before the router starts); ``router`` is
+    attached before ``start``."""
+
+    def __init__(self, listen: str, router: Observable | None = None) -> None:
         host, _, port = listen.rpartition(":")
-        self._router = router
+        self.router = router
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,6 +50,10 @@ class StatusServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
     def start(self) -> None:
         self._thread.start()
 
@@ -57,7 +64,10 @@ class StatusServer:
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         path = req.path.split("?", 1)[0]
-        r = self._router
+        r = self.router
+        if r is None:
+            self._send(req, 503, b"starting\n", "text/plain")
+            return
         if path == "/metrics":
             self._send(req, 200, generate_latest(r.metrics.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":

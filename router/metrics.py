@@ -87,6 +87,20 @@ class Metrics:
         self.topology_valid = Gauge(
             "frouter_topology_last_reload_ok", "0 while the watched file is invalid", registry=r
         )
+        self.verdict_local = Gauge(
+            "frouter_verdict_local",
+            "1 while this replica acts on its own probes (no Consul, or Consul unreachable)",
+            registry=r,
+        )
+        self.consul_leader = Gauge(
+            "frouter_consul_leader", "1 while this replica holds the datacenter's lock", registry=r
+        )
+        self.leader_changes = Counter(
+            "frouter_consul_leader_changes", "Leader changes seen in Consul KV", registry=r
+        )
+        self.consul_errors = Counter(
+            "frouter_consul_errors", "Consul calls that failed", registry=r
+        )
         self.sink_misconfigured = Gauge(
             "frouter_destination_misconfigured",
             "1 if InfluxDB refused our credentials/database (401/403/404)",

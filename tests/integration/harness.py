@@ -95,7 +95,7 @@ class Scenario:
         drained = set(drain)
         names = ("a", "b", "c")
         doc: dict[str, Any] = {
-            "datacenter": "dc-test",
+            "datacenter": f"dc-{self.tag}",
             "kafka": {
                 "bootstrap": self.bootstrap,
                 "group_prefix": self.group_prefix,
@@ -199,8 +199,11 @@ class Scenario:
 class RouterProc:
     """The router as a user runs it: `failover-router run --topology FILE`."""
 
-    def __init__(self, topology: Path, workdir: Path, name: str = "router") -> None:
+    def __init__(
+        self, topology: Path, workdir: Path, name: str = "router", args: tuple[str, ...] = ()
+    ) -> None:
         self.topology = topology
+        self.args = args
         self.log_path = workdir / f"{name}.log"
         doc = yaml.safe_load(topology.read_text())
         self.url = f"http://{doc['http']['listen']}"
@@ -209,7 +212,15 @@ class RouterProc:
     def start(self) -> RouterProc:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "router.cli", "run", "--topology", str(self.topology)],
+                [
+                    sys.executable,
+                    "-m",
+                    "router.cli",
+                    "run",
+                    "--topology",
+                    str(self.topology),
+                    *self.args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "FROUTER_LOG_LEVEL": "info"},
