@@ -69,20 +69,27 @@ class ConsulAPI:
         dc: str | None = None,
         index: str | None = None,
         wait: str = "10s",
-    ) -> tuple[str, list[str]]:
-        """(index, node URLs) of the service's instances whose every check passes."""
+    ) -> tuple[str, list[str] | None]:
+        """(index, node URLs of the instances whose every check passes).
+
+        None instead of a list when the catalog has no instance at all (an agent that lost its
+        state, a service not registered yet): the caller keeps what it knew.
+        """
         idx, entries = self._call(
             "health.service",
             self._client.health.service,
             service,
-            passing=True,
             tag=tag,
             dc=dc,
             index=index,
             wait=wait if index else None,
         )
+        if not entries:
+            return str(idx), None
         urls = []
         for entry in entries:
+            if any(c.get("Status") != "passing" for c in entry.get("Checks") or []):
+                continue
             svc = entry["Service"]
             host = svc.get("Address") or entry["Node"]["Address"]
             scheme = "https" if "https" in (svc.get("Tags") or []) else "http"

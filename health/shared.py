@@ -97,6 +97,9 @@ class SharedVerdict:
         self._lock = threading.RLock()
         self._sources: dict[str, ClusterSource] = dict(sources)
         self._discovered: dict[str, tuple[str, ...]] = {}
+        self._answered: set[str] = set()  # clusters whose discovery answered at least once
+        self._started_at = clock()
+        self._kv_seen: dict[str, tuple[float, float]] = {}  # cluster -> (published, seen at)
         self._kv = _KVState()
         self._consul_ok = True
         self._is_leader = False
@@ -227,13 +230,26 @@ class SharedVerdict:
                     spec.service, tag=spec.tag, dc=spec.datacenter, index=index, wait="5s"
                 )
             except ConsulError as exc:
-                self._consul_failed("discovery", exc)
+                self.consul_errors += 1
+                log.warning("consul_error", op="discovery", cluster=cluster, error=str(exc))
                 index = None
                 halt.wait(1.0)
                 continue
-            self._consul_answered()
-            nodes = tuple(urls)
             with self._lock:
+                if halt.is_set():
+                    return  # a reload replaced this watch: its answer is stale
+                self._answered.add(cluster)
+                if urls is None:
+                    if cluster not in self._discovered:
+                        self._discovered[cluster] = ()
+                    log.warning(
+                        "discovery_empty",
+                        cluster=cluster,
+                        service=spec.service,
+                        reason="no instance in the catalog; keeping the last node list",
+                    )
+                    continue
+                nodes = tuple(urls)
                 changed = self._discovered.get(cluster) != nodes
                 self._discovered[cluster] = nodes
             if changed:
@@ -254,10 +270,10 @@ class SharedVerdict:
                 int(port),
                 [self.datacenter],
             )
-            self._consul_answered()
             log.info("consul_registered", service_id=self.replica)
         except ConsulError as exc:
-            self._consul_failed("register", exc)
+            self.consul_errors += 1
+            log.warning("consul_error", op="register", error=str(exc))
 
     def _elect_loop(self) -> None:
         period = max(1.0, self.settings.session_ttl / 3)
@@ -271,11 +287,10 @@ class SharedVerdict:
                 ):
                     self._publish()
                     last_publish = self._clock()
-                self._consul_answered()
             except ConsulError as exc:
-                self._consul_failed("election", exc)
-                self._session = None
-                self._set_leader(False)
+                self.consul_errors += 1
+                log.warning("consul_error", op="election", error=str(exc))
+                self._set_leader(False)  # cannot prove we hold the lock: stop publishing
             self._wake_elector.wait(0.5 if self._is_leader else period)
             self._wake_elector.clear()
 
@@ -284,7 +299,7 @@ class SharedVerdict:
             self._register()  # e.g. the agent lost its state in a restart
             self._session = None
         if self._session is not None and not self._api.renew_session(self._session):
-            self._session = None
+            self._session = None  # invalidated by Consul; a transport error keeps it (raises)
         if self._session is None:
             checks = ["serfHealth"] + ([self._check_id] if self._check_id else [])
             self._session = self._api.create_session(
@@ -342,6 +357,7 @@ class SharedVerdict:
                 self._stop.wait(1.0)
                 continue
             self._consul_answered()
+            now = self._clock()
             state = _KVState()
             drains = set()
             for e in entries:
@@ -354,6 +370,10 @@ class SharedVerdict:
                     doc = decode(e.value)
                     name = rel.removeprefix("clusters/")
                     if doc.get("state") in ("up", "down"):
+                        published = float(doc.get("published", 0.0))
+                        seen = self._kv_seen.get(name)
+                        if seen is None or seen[0] != published:
+                            self._kv_seen[name] = (published, now)
                         state.clusters[name] = Verdict(
                             cluster=name,
                             state=ClusterState(doc["state"]),
@@ -392,7 +412,18 @@ class SharedVerdict:
         if not self._consul_ok or self._is_leader:
             return local
         shared = self._kv.clusters.get(cluster)
-        return shared if shared is not None else local
+        seen = self._kv_seen.get(cluster)
+        # The leader republishes every TTL/2: a value not refreshed for 2 TTLs has no leader
+        # behind it (lock stuck, leader gone) and must not freeze the route.
+        fresh = seen is not None and self._clock() - seen[1] < 2 * self.settings.session_ttl
+        return shared if shared is not None and fresh else local
+
+    def ready(self) -> bool:
+        """True once every Consul-discovered cluster has had an answer (or after 10 s), so the
+        router does not fail over at start-up just because discovery has not answered yet."""
+        with self._lock:
+            wanted = {n for n, s in self._sources.items() if s.discovery is not None}
+            return wanted <= self._answered or self._clock() - self._started_at > 10.0
 
     def _on_local(self, _old: Verdict, _new: Verdict) -> None:
         if self._is_leader:

@@ -19,6 +19,7 @@ consumer settings), never by the backlog.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -27,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from router.errors import SinkError, SinkMisconfigured, SourceError
 from router.graphite import GraphiteConverter
@@ -135,7 +136,10 @@ class Destination:
                 "group.id": spec.group,
                 "enable.auto.commit": "false",
                 "enable.auto.offset.store": "false",
-                "auto.offset.reset": "earliest",
+                # Start offsets are always explicit; data deleted under a partition being read
+                # must surface (and be counted), not be skipped silently by librdkafka.
+                "auto.offset.reset": "error",
+                "partition.assignment.strategy": "range,roundrobin",
                 "session.timeout.ms": "10000",
                 "heartbeat.interval.ms": "1000",
                 "queued.max.messages.kbytes": "16384",
@@ -149,6 +153,7 @@ class Destination:
         self._outcomes: queue.Queue[_Outcome] = queue.Queue()
         self._tracker = OffsetTracker()
         self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
+        self.crashed = ""  # set when the consumer thread ended on an error
         self._assigned: set[TopicPart] = set()
         self._live: set[TopicPart] = set()  # assigned, sought and resumed: messages accepted
         self._want_active = False
@@ -176,11 +181,11 @@ class Destination:
     def activate(self, start: StartFrom) -> None:
         self._commands.put(_Activate(start))
 
-    def deactivate(self, graceful: bool, reason: str, timeout: float | None = None) -> bool:
-        """Pause the destination. Graceful: flush and commit first; waits up to ``timeout``."""
+    def deactivate(self, graceful: bool, reason: str) -> threading.Event:
+        """Pause the destination; graceful: flush and commit first. The event is set when done."""
         done = threading.Event()
         self._commands.put(_Deactivate(graceful, reason, done))
-        return done.wait(timeout) if timeout else True
+        return done
 
     def stop(self, timeout: float = 60.0, graceful: bool = True) -> None:
         """Stop fetching, finish in-flight writes, commit, leave the group."""
@@ -223,6 +228,9 @@ class Destination:
             log.error("destination_crashed", **self._labels, error=str(exc))
             self._stopped_reason = f"crashed: {exc}"
             self._status = self._snapshot()
+            self.crashed = str(exc)  # the engine rebuilds this destination
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self._consumer.close()  # leave the group so the partitions move at once
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -231,7 +239,9 @@ class Destination:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
+                if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                    self._out_of_range((msg.topic() or "", msg.partition() or 0))
+                elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume_error", **self._labels, error=str(err))
                 continue
             tp = (msg.topic() or "", msg.partition() or 0)
@@ -263,6 +273,31 @@ class Destination:
             )
             self._batch.last[tp] = max(self._batch.last.get(tp, offset), offset)
         return lines
+
+    def _out_of_range(self, tp: TopicPart) -> None:
+        """The partition's next offset was deleted (retention) while we were reading it.
+
+        librdkafka leaves the partition in an error state (auto.offset.reset=error). Settle
+        what is in flight, then restart from the committed offsets: ``_start_offsets`` counts
+        and reports the exact gap, and ``_resume`` re-assigns with explicit offsets.
+        """
+        if tp not in self._live:
+            return  # paused: it is re-assigned with explicit offsets when it is activated
+        log.warning("offset_out_of_range", **self._labels, topic=tp[0], partition=tp[1])
+        self._enter_cooldown()
+
+    def _record_retention_gap(self, tp: TopicPart, committed: int, earliest: int) -> None:
+        lost = earliest - committed
+        self._metrics.retention_lost.labels(**self._labels, topic=tp[0]).inc(lost)
+        log.error(
+            "retention_gap",
+            **self._labels,
+            topic=tp[0],
+            partition=tp[1],
+            committed=committed,
+            earliest=earliest,
+            lost=lost,
+        )
 
     def _batch_full(self) -> bool:
         b = self._batch
@@ -454,29 +489,20 @@ class Destination:
                 for tp in tps:
                     start[tp] = max(start[tp], theirs.get(tp, NO_OFFSET))
         marks = self._admin.watermarks(tps)
-        skipped_to: dict[TopicPart, int] = {}
+        moved_to: dict[TopicPart, int] = {}  # committed now, so a gap is recorded once
         for tp in tps:
             wm = marks[tp]
             s = start.get(tp, NO_OFFSET)
             if s < 0:
                 s = wm.low  # never committed anywhere: the whole retained log
             elif s < wm.low:
-                lost = wm.low - s
-                self._metrics.retention_lost.labels(**self._labels, topic=tp[0]).inc(lost)
-                log.error(
-                    "retention_gap",
-                    **self._labels,
-                    topic=tp[0],
-                    partition=tp[1],
-                    committed=s,
-                    earliest=wm.low,
-                    lost=lost,
-                )
+                self._record_retention_gap(tp, s, wm.low)
                 s = wm.low
+                moved_to[tp] = s
             s = min(s, wm.high)
             if mode is StartFrom.SKIP:
                 mine = own.get(tp, NO_OFFSET)
-                base = max(mine, wm.low) if mine >= 0 else wm.low
+                base = mine if mine >= 0 else wm.low
                 if s > base:
                     self._metrics.skipped.labels(**self._labels, topic=tp[0]).inc(s - base)
                     log.warning(
@@ -488,10 +514,10 @@ class Destination:
                         next=s,
                         count=s - base,
                     )
-                    skipped_to[tp] = s
+                    moved_to[tp] = s
             start[tp] = s
-        if skipped_to:  # the skip is recorded as this group's progress, never silent
-            self._commit(skipped_to, asynchronous=False)
+        if moved_to:  # a skip or a retention gap is recorded as this group's progress
+            self._commit(moved_to, asynchronous=False)
         return start
 
     def _resume(self, mode: StartFrom) -> None:
@@ -500,14 +526,17 @@ class Destination:
             return
         try:
             starts = self._start_offsets(tps, mode)
-        except SourceError as exc:
+            # Re-assign (same partitions, explicit offsets) rather than seek + resume: it also
+            # revives a partition left in an error state, where a seek answers _STATE.
+            self._consumer.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in tps])
+            self._consumer.resume([TopicPartition(t, p) for t, p in tps])  # pause outlives assign
+        except (SourceError, KafkaException) as exc:
             log.warning("start_offsets_failed", **self._labels, error=str(exc))
             self._enter_cooldown()
             return
-        for tp in tps:
-            self._consumer.seek(TopicPartition(tp[0], tp[1], starts[tp]))
-        self._consumer.resume([TopicPartition(t, p) for t, p in tps])
         self._live = set(tps)
+        if mode is StartFrom.SKIP:
+            self._start_mode = StartFrom.OWN  # skipped once; later rewinds use our commits
         log.info(
             "destination_state",
             **self._labels,
@@ -546,6 +575,11 @@ class Destination:
             else:
                 for tp in partitions:
                     tp.offset = starts[(tp.topic, tp.partition)]
+                if self._start_mode is StartFrom.SKIP:
+                    self._start_mode = StartFrom.OWN
+        if not active:
+            for tp in partitions:  # explicit, so a paused partition never sits in an error
+                tp.offset = OFFSET_BEGINNING  # state; activation re-assigns its real start
         consumer.assign(partitions)
         if active:
             self._live = set(tps)

@@ -30,7 +30,7 @@ from router.errors import ConfigError, SourceError
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.metrics import Metrics
 from router.offsets import TopicPart
-from router.policy import Activate, ClusterView, Deactivate, RouteView, StartFrom, decide
+from router.policy import ClusterView, Deactivate, RouteView, StartFrom, decide
 from router.sink import InfluxSink, InfluxTarget
 from router.topology import ClusterConfig, RouteConfig, Topology, load_topology
 
@@ -111,6 +111,8 @@ class _RouteRuntime:
     active: set[str] = field(default_factory=set)
     partitions: list[TopicPart] = field(default_factory=list)
     lag: dict[str, int] = field(default_factory=dict)  # cluster -> messages not committed
+    # graceful deactivations under way: cluster -> (done, deadline); the route waits for them
+    waiting: dict[str, tuple[threading.Event, float]] = field(default_factory=dict)
 
 
 class Router:
@@ -162,6 +164,7 @@ class Router:
         self.verdicts.subscribe(self._on_verdict)
         self._routes: dict[str, _RouteRuntime] = {}
         self._misconfigured: dict[str, str] = {}
+        self._mis_lock = threading.Lock()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -208,8 +211,11 @@ class Router:
         threads = [threading.Thread(target=d.stop, args=(timeout,)) for d in dests]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + timeout
         for t in threads:
-            t.join(timeout)
+            while t.is_alive() and time.monotonic() < deadline:
+                t.join(1.0)
+                self.last_tick = time.time()  # busy stopping, not stalled (/healthz)
 
     # --- building -----------------------------------------------------------------------
 
@@ -222,44 +228,45 @@ class Router:
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def _build_route(self, route: RouteConfig) -> _RouteRuntime:
-        groups = tuple(self.topology.group_id(route.name, c) for c in route.destinations)
-        dests = {}
-        for cluster in route.destinations:
-            cfg = self.topology.clusters[cluster]
-            spec = DestinationSpec(
-                route=route.name,
-                cluster=cluster,
-                group=self.topology.group_id(route.name, cluster),
-                topics=route.topics,
-                peer_groups=groups,
-                max_points=route.batch.max_points,
-                max_bytes=route.batch.max_bytes,
-                linger=route.batch.linger,
-                max_in_flight=route.batch.max_in_flight,
-                # one batch with retries; bisection of a 400 makes more requests: be generous
-                write_deadline=max(60.0, 4 * (cfg.max_retries + 1) * cfg.write_timeout),
-                graphite_templates=route.graphite_templates if route.format == "graphite" else (),
-            )
-            target = influx_target(cluster, cfg)
-            if route.format == "graphite":  # converted lines carry nanosecond timestamps
-                target = dataclasses.replace(target, precision="ns")
-            sink = InfluxSink(
-                target,
-                nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
-                on_node_result=functools.partial(self.verdicts.report_write, cluster),
-            )
-            dest = Destination(
-                spec,
-                kafka_config=self._kafka_config,
-                sink=sink,
-                admin=self._admin,
-                dead_letters=self._dlq,
-                metrics=self.metrics,
-                on_misconfigured=self._on_misconfigured,
-            )
-            dest.start()
-            dests[cluster] = dest
+        dests = {c: self._build_destination(route, c) for c in route.destinations}
         return _RouteRuntime(route, self._fingerprint(route), dests)
+
+    def _build_destination(self, route: RouteConfig, cluster: str) -> Destination:
+        groups = tuple(self.topology.group_id(route.name, c) for c in route.destinations)
+        cfg = self.topology.clusters[cluster]
+        spec = DestinationSpec(
+            route=route.name,
+            cluster=cluster,
+            group=self.topology.group_id(route.name, cluster),
+            topics=route.topics,
+            peer_groups=groups,
+            max_points=route.batch.max_points,
+            max_bytes=route.batch.max_bytes,
+            linger=route.batch.linger,
+            max_in_flight=route.batch.max_in_flight,
+            # one batch with retries; bisection of a 400 makes more requests: be generous
+            write_deadline=max(60.0, 4 * (cfg.max_retries + 1) * cfg.write_timeout),
+            graphite_templates=route.graphite_templates if route.format == "graphite" else (),
+        )
+        target = influx_target(cluster, cfg)
+        if route.format == "graphite":  # converted lines carry nanosecond timestamps
+            target = dataclasses.replace(target, precision="ns")
+        sink = InfluxSink(
+            target,
+            nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
+            on_node_result=functools.partial(self.verdicts.report_write, cluster),
+        )
+        dest = Destination(
+            spec,
+            kafka_config=self._kafka_config,
+            sink=sink,
+            admin=self._admin,
+            dead_letters=self._dlq,
+            metrics=self.metrics,
+            on_misconfigured=self._on_misconfigured,
+        )
+        dest.start()
+        return dest
 
     # --- control loop -------------------------------------------------------------------
 
@@ -267,7 +274,8 @@ class Router:
         self._wake.set()
 
     def _on_misconfigured(self, cluster: str, why: str) -> None:
-        with self._lock:
+        # Called from a destination thread, maybe while the engine waits for it: own lock.
+        with self._mis_lock:
             self._misconfigured[cluster] = why
         self._wake.set()
 
@@ -278,10 +286,12 @@ class Router:
 
     def _views(self) -> dict[str, ClusterView]:
         views = {}
+        with self._mis_lock:
+            misconfigured = dict(self._misconfigured)
         for name in self.topology.clusters:
             v = self.verdicts.verdict(name)
-            healthy = v.state is ClusterState.UP and name not in self._misconfigured
-            reason = self._misconfigured.get(name, v.reason)
+            healthy = v.state is ClusterState.UP and name not in misconfigured
+            reason = misconfigured.get(name, v.reason)
             drained = self._drained(name)
             views[name] = ClusterView(healthy=healthy, drained=drained, reason=reason)
             self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
@@ -311,6 +321,9 @@ class Router:
             self._maybe_reload()
             now = time.monotonic()
             poll_lag = now - last_lag >= LAG_EVERY
+            if self.shared is not None and not self.shared.ready():
+                self.last_tick = time.time()
+                continue  # discovery has not answered yet: no decision on empty node lists
             with self._lock:
                 views = self._views()
                 for rt in list(self._routes.values()):
@@ -342,19 +355,37 @@ class Router:
                     route=rt.config.name, cluster=cluster, topic=topic
                 ).set(n)
 
+    def _rebuild_crashed(self, rt: _RouteRuntime) -> None:
+        for cluster, dest in list(rt.destinations.items()):
+            if dest.crashed:
+                log.error(
+                    "destination_rebuilt",
+                    route=rt.config.name,
+                    cluster=cluster,
+                    reason=f"consumer thread ended: {dest.crashed}",
+                )
+                rt.destinations[cluster] = self._build_destination(rt.config, cluster)
+                rt.active.discard(cluster)  # the policy activates it again if it should be
+                rt.waiting.pop(cluster, None)
+
     def _step(self, rt: _RouteRuntime, views: Mapping[str, ClusterView]) -> None:
+        self._rebuild_crashed(rt)
+        now = time.monotonic()
+        for cluster, (done, deadline) in list(rt.waiting.items()):
+            if done.is_set() or now >= deadline:
+                del rt.waiting[cluster]
+        if rt.waiting:
+            return  # a graceful handoff is flushing: the next cluster reads its commits after
         route = route_view(rt.config)
         actions = decide(route, views, frozenset(rt.active), rt.lag.get(route.primary))
         for action in actions:
             dest = rt.destinations[action.cluster]
             if isinstance(action, Deactivate):
                 serving_before = set(rt.active)
-                dest.deactivate(
-                    action.graceful,
-                    action.reason,
-                    timeout=dest.spec.write_deadline if action.graceful else None,
-                )
+                done = dest.deactivate(action.graceful, action.reason)
                 rt.active.discard(action.cluster)
+                if action.graceful:
+                    rt.waiting[action.cluster] = (done, now + dest.spec.write_deadline)
                 if action.cluster != route.primary and route.primary in serving_before:
                     log.warning(
                         "handback",
@@ -363,26 +394,28 @@ class Router:
                         to_cluster=route.primary,
                         reason=action.reason,
                     )
-            elif isinstance(action, Activate):
-                if action.start is StartFrom.TAKEOVER:
-                    from_cluster = next(
-                        (
-                            c
-                            for c in route.destinations
-                            if c != action.cluster and not views.get(c, ClusterView(False)).usable
-                        ),
-                        route.primary,
-                    )
-                    self.metrics.failovers.labels(route=route.name, cluster=action.cluster).inc()
-                    log.warning(
-                        "failover",
-                        route=route.name,
-                        from_cluster=from_cluster,
-                        to_cluster=action.cluster,
-                        reason=action.reason,
-                    )
-                dest.activate(action.start)
-                rt.active.add(action.cluster)
+                continue
+            if rt.waiting:
+                return  # activate on a later tick, once the graceful deactivation is done
+            if action.start is StartFrom.TAKEOVER:
+                from_cluster = next(
+                    (
+                        c
+                        for c in route.destinations
+                        if c != action.cluster and not views.get(c, ClusterView(False)).usable
+                    ),
+                    route.primary,
+                )
+                self.metrics.failovers.labels(route=route.name, cluster=action.cluster).inc()
+                log.warning(
+                    "failover",
+                    route=route.name,
+                    from_cluster=from_cluster,
+                    to_cluster=action.cluster,
+                    reason=action.reason,
+                )
+            dest.activate(action.start)
+            rt.active.add(action.cluster)
 
     # --- topology reload ----------------------------------------------------------------
 
@@ -429,8 +462,9 @@ class Router:
                 if n not in old.clusters
                 or old.clusters[n].model_dump(exclude={"drain"}) != c.model_dump(exclude={"drain"})
             }
-            for n in changed_clusters:
-                self._misconfigured.pop(n, None)
+            with self._mis_lock:
+                for n in changed_clusters:
+                    self._misconfigured.pop(n, None)
             self.topology = new
             if self.shared is not None:
                 self.shared.set_sources(cluster_sources(new))
@@ -458,12 +492,15 @@ class Router:
     # --- observation --------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return self.last_tick > 0 and not self._stop.is_set()
+        discovered = self.shared is None or self.shared.ready()
+        return self.last_tick > 0 and discovered and not self._stop.is_set()
 
     def alive(self) -> bool:
         return self.last_tick == 0 or time.time() - self.last_tick < 15
 
     def status(self) -> dict[str, Any]:
+        with self._mis_lock:
+            misconfigured = dict(self._misconfigured)
         with self._lock:
             clusters = {}
             for name, cfg in self.topology.clusters.items():
@@ -471,12 +508,12 @@ class Router:
                 clusters[name] = {
                     "state": v.state.value,
                     "since": v.since,
-                    "reason": self._misconfigured.get(name, v.reason),
+                    "reason": misconfigured.get(name, v.reason),
                     "drain": self._drained(name),
                     "drain_source": "topology"
                     if cfg.drain
                     else ("consul" if self._drained(name) else ""),
-                    "misconfigured": name in self._misconfigured,
+                    "misconfigured": name in misconfigured,
                     "healthy_nodes": len(self.verdicts.healthy_nodes(name)),
                     "nodes": len(cfg.urls),
                 }

@@ -28,6 +28,11 @@ WATCHED = frozenset(
         "dead_letters",
         "router_started",
         "router_stopping",
+        "leader_change",
+        "leadership",
+        "verdict_source",
+        "drain_override",
+        "nodes_discovered",
     }
 )
 

@@ -68,8 +68,8 @@ class KafkaAdmin:
                 [ConsumerGroupTopicPartitions(group, req)], request_timeout=self._timeout
             )[group]
             result = fut.result(timeout=self._timeout)
-        except KafkaException as exc:
-            raise SourceError(f"cannot read committed offsets of {group}: {exc}") from exc
+        except (KafkaException, TimeoutError) as exc:
+            raise SourceError(f"cannot read committed offsets of {group}: {exc!r}") from exc
         out: dict[TopicPart, int] = {}
         for tp in result.topic_partitions or []:
             if tp.error is not None:
@@ -98,8 +98,8 @@ class KafkaAdmin:
                 )
                 for tp in parts
             }
-        except KafkaException as exc:
-            raise SourceError(f"cannot list offsets: {exc}") from exc
+        except (KafkaException, TimeoutError) as exc:
+            raise SourceError(f"cannot list offsets: {exc!r}") from exc
 
     def lag(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]:
         """Messages the group has not committed yet, per partition (never negative).
