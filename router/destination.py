@@ -130,22 +130,10 @@ class Destination:
         self._dlq = dead_letters
         self._metrics = metrics
         self._on_misconfigured = on_misconfigured
-        self._consumer = Consumer(
-            {
-                **kafka_config,
-                "group.id": spec.group,
-                "enable.auto.commit": "false",
-                "enable.auto.offset.store": "false",
-                # Start offsets are always explicit; data deleted under a partition being read
-                # must surface (and be counted), not be skipped silently by librdkafka.
-                "auto.offset.reset": "error",
-                "partition.assignment.strategy": "range,roundrobin",
-                "session.timeout.ms": "10000",
-                "heartbeat.interval.ms": "1000",
-                "queued.max.messages.kbytes": "16384",
-                "client.id": f"frouter-{spec.route}-{spec.cluster}",
-            }
-        )
+        try:
+            self._consumer = self._make_consumer(spec, kafka_config)
+        except KafkaException as exc:
+            raise SourceError(f"cannot create the consumer of {spec.group}: {exc}") from exc
         self._pool = ThreadPoolExecutor(
             max_workers=spec.max_in_flight, thread_name_prefix=f"write-{spec.cluster}"
         )
@@ -171,6 +159,27 @@ class Destination:
         self._labels = {"route": spec.route, "cluster": spec.cluster}
         self._graphite = (
             GraphiteConverter(spec.graphite_templates) if spec.graphite_templates else None
+        )
+
+    @staticmethod
+    def _make_consumer(spec: DestinationSpec, kafka_config: Mapping[str, str]) -> Consumer:
+        return Consumer(
+            {
+                # defaults an operator may override in kafka.client_config
+                "session.timeout.ms": "10000",  # a dead replica's partitions move in ~10 s
+                "heartbeat.interval.ms": "1000",
+                "queued.max.messages.kbytes": "16384",  # bounds librdkafka's prefetch
+                "client.id": f"frouter-{spec.route}-{spec.cluster}",
+                **kafka_config,
+                # owned by the router (the topology refuses them in client_config)
+                "group.id": spec.group,
+                "enable.auto.commit": "false",
+                "enable.auto.offset.store": "false",
+                # Start offsets are always explicit; data deleted under a partition being read
+                # must surface (and be counted), not be skipped silently by librdkafka.
+                "auto.offset.reset": "error",
+                "partition.assignment.strategy": "range,roundrobin",
+            }
         )
 
     # --- called from other threads ------------------------------------------------------
@@ -494,7 +503,10 @@ class Destination:
             wm = marks[tp]
             s = start.get(tp, NO_OFFSET)
             if s < 0:
-                s = wm.low  # never committed anywhere: the whole retained log
+                # Never committed anywhere: the whole retained log. Committed at once, so
+                # that data deleted before we write it is counted as lost, not unnoticed.
+                s = wm.low
+                moved_to[tp] = s
             elif s < wm.low:
                 self._record_retention_gap(tp, s, wm.low)
                 s = wm.low
