@@ -508,7 +508,9 @@ class Router:
                 clusters[name] = {
                     "state": v.state.value,
                     "since": v.since,
-                    "reason": misconfigured.get(name, v.reason),
+                    "reason": misconfigured.get(
+                        name, v.reason if v.state is ClusterState.DOWN else "healthy"
+                    ),
                     "drain": self._drained(name),
                     "drain_source": "topology"
                     if cfg.drain
