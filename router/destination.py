@@ -141,7 +141,8 @@ class Destination:
         self._outcomes: queue.Queue[_Outcome] = queue.Queue()
         self._tracker = OffsetTracker()
         self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
-        self.crashed = ""  # set when the consumer thread ended on an error
+        self.crashed = ""  # set when the consumer thread ended: the engine rebuilds it
+        self._restart_reason = ""
         self._assigned: set[TopicPart] = set()
         self._live: set[TopicPart] = set()  # assigned, sought and resumed: messages accepted
         self._want_active = False
@@ -217,7 +218,7 @@ class Destination:
                 on_lost=self._on_lost,
             )
             last_status = 0.0
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._restart_reason:
                 self._handle_commands()
                 self._settle_outcomes(block=False)
                 self._maybe_recover()
@@ -233,6 +234,8 @@ class Destination:
                     self._status = self._snapshot()
                     last_status = now
             self._shutdown()
+            if self._restart_reason:
+                self.crashed = self._restart_reason
         except (KafkaException, SourceError) as exc:  # the loop cannot go on: say so, loudly
             log.error("destination_crashed", **self._labels, error=str(exc))
             self._stopped_reason = f"crashed: {exc}"
@@ -286,14 +289,15 @@ class Destination:
     def _out_of_range(self, tp: TopicPart) -> None:
         """The partition's next offset was deleted (retention) while we were reading it.
 
-        librdkafka leaves the partition in an error state (auto.offset.reset=error). Settle
-        what is in flight, then restart from the committed offsets: ``_start_offsets`` counts
-        and reports the exact gap, and ``_resume`` re-assigns with explicit offsets.
+        librdkafka leaves the partition in an error state (auto.offset.reset=error) that a seek
+        cannot leave, and re-assigning outside a rebalance is unsafe. So the destination stops
+        gracefully (flush, commit, leave the group) and the engine rebuilds it: the new
+        consumer starts from the committed offsets, and ``_start_offsets`` counts the exact gap.
         """
         if tp not in self._live:
-            return  # paused: it is re-assigned with explicit offsets when it is activated
+            return  # paused: it gets an explicit start offset when it is activated
         log.warning("offset_out_of_range", **self._labels, topic=tp[0], partition=tp[1])
-        self._enter_cooldown()
+        self._restart_reason = f"offset out of range on {tp[0]}[{tp[1]}]"
 
     def _record_retention_gap(self, tp: TopicPart, committed: int, earliest: int) -> None:
         lost = earliest - committed
@@ -538,11 +542,11 @@ class Destination:
             return
         try:
             starts = self._start_offsets(tps, mode)
-            # Re-assign (same partitions, explicit offsets) rather than seek + resume: it also
-            # revives a partition left in an error state, where a seek answers _STATE.
-            self._consumer.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in tps])
-            self._consumer.resume([TopicPartition(t, p) for t, p in tps])  # pause outlives assign
+            for tp in tps:
+                self._consumer.seek(TopicPartition(tp[0], tp[1], starts[tp]))
+            self._consumer.resume([TopicPartition(t, p) for t, p in tps])
         except (SourceError, KafkaException) as exc:
+            # e.g. a seek before the partition's fetcher has its first offset (_STATE): retry
             log.warning("start_offsets_failed", **self._labels, error=str(exc))
             self._enter_cooldown()
             return
