@@ -56,10 +56,10 @@ trap 'rm -rf "$tmp"' EXIT
 
 say "downloading github.com/hashicorp/consul@$CONSUL_VERSION from the Go module proxy"
 json=$(go mod download -json "github.com/hashicorp/consul@$CONSUL_VERSION" 2>&1) || {
-  err=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p' | head -n1 | sed 's/\\[nt]/ /g; s/  */ /g')
+  err=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p' | awk 'NR==1' | sed 's/\\[nt]/ /g; s/  */ /g')
   die "go mod download github.com/hashicorp/consul@$CONSUL_VERSION failed: ${err:-$json}"
 }
-field() { printf '%s\n' "$json" | sed -n "s/^[[:space:]]*\"$1\": \"\(.*\)\",*\$/\1/p" | head -n1; }
+field() { printf '%s\n' "$json" | sed -n "s/^[[:space:]]*\"$1\": \"\(.*\)\",*\$/\1/p" | awk 'NR==1'; }
 src_dir=$(field Dir)
 sum=$(field Sum)
 [ -n "$src_dir" ] && [ -f "$src_dir/go.mod" ] || die "go mod download gave no source dir for consul $CONSUL_VERSION"
@@ -87,7 +87,9 @@ ldflags="$ldflags -X github.com/hashicorp/consul/version.BuildDate=$CONSUL_BUILD
 go build -trimpath -ldflags "$ldflags" -o "$tmp/consul" . >&2 \
   || die "go build of consul $CONSUL_VERSION failed (see output above; after a version bump, update CONSUL_SUM and CONSUL_SUBMODULE_SUMS)"
 
-got=$("$tmp/consul" version 2>&1 | head -n1) || die "built consul does not run: $got"
+# Whole output first: `| head -n1` under pipefail fails at random when consul gets SIGPIPE.
+out=$("$tmp/consul" version 2>&1) || die "built consul does not run: ${out%%$'\n'*}"
+got=${out%%$'\n'*}
 [ "$got" = "Consul $CONSUL_VERSION" ] || die "built consul reports '$got', expected 'Consul $CONSUL_VERSION'"
 mv -f "$tmp/consul" "$CONSUL"
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from devstack import stack
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,10 +29,14 @@ def main() -> int:
     p.add_argument("--topology", default=str(ROOT / "topology.yaml"))
     p.add_argument("--rate", type=float, default=2000.0, help="points per second per topic")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p.add_argument(
+        "--consul", action="store_true", help="shared verdict through the devstack Consul"
+    )
     args = p.parse_args()
     print(__doc__, flush=True)
+    consul = ["--consul-addr", stack.endpoints()["CONSUL_HTTP_ADDR"]] if args.consul else []
     router = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "run", "--topology", args.topology]
+        [sys.executable, "-m", "router.cli", "run", "--topology", args.topology, *consul]
     )
     generator = subprocess.Popen(
         [
