@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import socket
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "check-topology":
         return check_topology_main(args.file, args.datacenter)
+    faulthandler.enable()  # a crash in a C extension still leaves every thread's stack
     configure_logging(args.log_level)
     try:
         return run(args)

@@ -206,6 +206,7 @@ class Router:
         elif self._own_health is not None:
             self._own_health.stop()
         self._dlq.close()
+        self._admin.close()
 
     def _stop_destinations(self, dests: list[Destination], timeout: float) -> None:
         threads = [threading.Thread(target=d.stop, args=(timeout,)) for d in dests]

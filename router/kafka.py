@@ -4,12 +4,14 @@ topic discovery and dead letters. confluent-kafka errors become ``SourceError`` 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
+    Consumer,
     KafkaError,
     KafkaException,
     Message,
@@ -39,8 +41,11 @@ class KafkaAdmin:
     """Reads any group's committed offsets and the partitions' watermarks."""
 
     def __init__(self, config: Mapping[str, str], timeout: float = 10.0) -> None:
+        self._config = dict(config)
         self._admin = AdminClient(dict(config))
         self._timeout = timeout
+        self._readers: dict[str, tuple[Consumer, threading.Lock]] = {}
+        self._readers_lock = threading.Lock()
 
     def partitions(self, topics: Iterable[str]) -> list[TopicPart]:
         """Every partition of the named topics; a name starting with ``^`` is a regex."""
@@ -59,25 +64,49 @@ class KafkaAdmin:
         return sorted((t, p) for t in names for p in md.topics[t].partitions)
 
     def committed(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]:
-        """The group's committed offset per partition (NO_OFFSET where it has none)."""
+        """The group's committed offset per partition (NO_OFFSET where it has none).
+
+        Read with a consumer handle of that group that never subscribes (so it never joins),
+        not with AdminClient.list_consumer_group_offsets: librdkafka 2.16 crashes (SIGSEGV in
+        rd_kafka_handle_OffsetFetch -> rd_kafka_cgrp_op on an admin handle) when that request
+        meets a retriable error such as COORDINATOR_LOAD_IN_PROGRESS on a fresh broker.
+        """
         req = [TopicPartition(t, p) for t, p in tps]
         if not req:
             return {}
+        reader, lock = self._reader(group)
         try:
-            fut = self._admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group, req)], request_timeout=self._timeout
-            )[group]
-            result = fut.result(timeout=self._timeout)
-        except (KafkaException, TimeoutError) as exc:
+            with lock:
+                result = reader.committed(req, timeout=self._timeout)
+        except KafkaException as exc:
             raise SourceError(f"cannot read committed offsets of {group}: {exc!r}") from exc
         out: dict[TopicPart, int] = {}
-        for tp in result.topic_partitions or []:
+        for tp in result:
             if tp.error is not None:
                 raise SourceError(
                     f"committed offset of {group} {tp.topic}[{tp.partition}]: {tp.error}"
                 )
             out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else NO_OFFSET
         return out
+
+    def _reader(self, group: str) -> tuple[Consumer, threading.Lock]:
+        with self._readers_lock:
+            entry = self._readers.get(group)
+            if entry is None:
+                consumer = Consumer(
+                    {**self._config, "group.id": group, "enable.auto.commit": "false"}
+                )
+                entry = (consumer, threading.Lock())
+                self._readers[group] = entry
+            return entry
+
+    def close(self) -> None:
+        with self._readers_lock:
+            readers = list(self._readers.values())
+            self._readers = {}
+        for consumer, lock in readers:
+            with lock, contextlib.suppress(KafkaException, RuntimeError):
+                consumer.close()
 
     def watermarks(self, tps: Iterable[TopicPart]) -> dict[TopicPart, Watermarks]:
         """Low and high watermark per partition."""

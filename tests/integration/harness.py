@@ -6,6 +6,7 @@ other's data even though they share one Kafka and three InfluxDBs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -179,8 +180,16 @@ class Scenario:
     def tps(self) -> list[TopicPart]:
         return [(self.topic, p) for p in range(self.partitions)]
 
-    def admin(self) -> KafkaAdmin:
+    @functools.cached_property
+    def _admin(self) -> KafkaAdmin:
         return KafkaAdmin({"bootstrap.servers": self.bootstrap})
+
+    def admin(self) -> KafkaAdmin:
+        return self._admin
+
+    def close(self) -> None:
+        if "_admin" in self.__dict__:
+            self._admin.close()
 
     def committed(self, route: str, cluster: str) -> dict[TopicPart, int]:
         return self.admin().committed(self.group(route, cluster), self.tps())
@@ -213,6 +222,7 @@ class RouterProc:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *os.environ.get("FROUTER_TEST_WRAP", "").split(),
                     sys.executable,
                     "-m",
                     "router.cli",

@@ -69,6 +69,7 @@ def cworld(
     for router in w.routers:
         if router.proc is not None and router.proc.poll() is None:
             router.stop()
+    w.sc.close()
     if stack.pid_of("consul") is None:
         stack.restart("consul")
     for sid in w.services:

@@ -65,6 +65,7 @@ def world(stack_env: dict[str, str], toxiproxy: Toxiproxy, tmp_path: Path) -> It
     for router in w.routers:
         if router.proc is not None and router.proc.poll() is None:
             router.stop()
+    w.sc.close()
     for n in ("a", "b", "c"):  # bring back any InfluxDB a test killed or froze
         pid = stack.pid_of(f"influx-{n}")
         if pid is None:
