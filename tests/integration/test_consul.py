@@ -66,10 +66,7 @@ def cworld(
 ) -> Iterator[ConsulWorld]:
     w = ConsulWorld(stack_env, tmp_path, toxiproxy)
     yield w
-    for router in w.routers:
-        if router.proc is not None and router.proc.poll() is None:
-            router.stop()
-    w.sc.close()
+    w.close()
     if stack.pid_of("consul") is None:
         stack.restart("consul")
     for sid in w.services:

@@ -52,6 +52,19 @@ class World:
             out.setdefault((self.sc.topic, i % p), set()).add(i // p)
         return out
 
+    def close(self) -> None:
+        """Stop the test's routers and bring back any InfluxDB it killed or froze."""
+        for router in self.routers:
+            if router.proc is not None and router.proc.poll() is None:
+                router.stop()
+        self.sc.close()
+        for n in ("a", "b", "c"):
+            pid = stack.pid_of(f"influx-{n}")
+            if pid is None:
+                stack.restart(f"influx-{n}")
+            else:
+                os.kill(pid, signal.SIGCONT)
+
     def from_offsets(self, committed: dict[tuple[str, int], int], total: int) -> set[int]:
         """The messages at or after ``committed`` per partition, among 0..total-1."""
         p = self.sc.partitions
@@ -62,16 +75,7 @@ class World:
 def world(stack_env: dict[str, str], toxiproxy: Toxiproxy, tmp_path: Path) -> Iterator[World]:
     w = World(stack_env, tmp_path, toxiproxy)
     yield w
-    for router in w.routers:
-        if router.proc is not None and router.proc.poll() is None:
-            router.stop()
-    w.sc.close()
-    for n in ("a", "b", "c"):  # bring back any InfluxDB a test killed or froze
-        pid = stack.pid_of(f"influx-{n}")
-        if pid is None:
-            stack.restart(f"influx-{n}")
-        else:
-            os.kill(pid, signal.SIGCONT)
+    w.close()
 
 
 def produce_in_background(
