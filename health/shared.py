@@ -59,7 +59,6 @@ class ClusterSource:
 @dataclass
 class _KVState:
     leader: str = ""  # replica id holding the lock ("" = nobody)
-    leader_session: str | None = None
     clusters: dict[str, Verdict] = field(default_factory=dict)
     drains: frozenset[str] = frozenset()
 
@@ -365,7 +364,6 @@ class SharedVerdict:
                 if rel == "leader":
                     if e.session:
                         state.leader = str(decode(e.value).get("replica", ""))
-                        state.leader_session = e.session
                 elif rel.startswith("clusters/"):
                     doc = decode(e.value)
                     name = rel.removeprefix("clusters/")

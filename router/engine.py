@@ -329,8 +329,10 @@ class Router:
                 views = self._views()
                 for rt in list(self._routes.values()):
                     try:
-                        if poll_lag or self._replaying(rt):
-                            self._refresh_lag(rt)
+                        if poll_lag:
+                            self._refresh_lag(rt, rt.config.destinations)
+                        elif self._replaying(rt):  # only the hand-back needs it this often
+                            self._refresh_lag(rt, rt.config.destinations[:1])
                         self._step(rt, views)
                     except SourceError as exc:
                         log.warning("control_error", route=rt.config.name, error=str(exc))
@@ -342,9 +344,9 @@ class Router:
         """A returning primary replays next to a standby: its lag decides the hand-back."""
         return rt.config.mode == "failover" and len(rt.active) > 1
 
-    def _refresh_lag(self, rt: _RouteRuntime) -> None:
+    def _refresh_lag(self, rt: _RouteRuntime, clusters: tuple[str, ...]) -> None:
         rt.partitions = self._admin.partitions(rt.config.topics)
-        for cluster in rt.config.destinations:
+        for cluster in clusters:
             group = self.topology.group_id(rt.config.name, cluster)
             lag = self._admin.lag(group, rt.partitions)
             rt.lag[cluster] = sum(lag.values())

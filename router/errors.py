@@ -10,9 +10,10 @@ py-consul, pydantic, PyYAML) are translated once, at the adapter that calls the 
     └── SinkError              an InfluxDB write did not succeed
         ├── SinkUnavailable    5xx, connection refused/reset: retry, then a health signal
         │   └── SinkTimeout    no answer within the write timeout (also retried)
-        ├── SinkRejected       400: some lines are bad (they go to the dead-letter topic)
-        ├── SinkTooLarge       413: the body is over the server's limit (split the batch)
         └── SinkMisconfigured  401/403 or unknown database/bucket: stop this destination, loudly
+
+A 400 (bad lines) or 413 (body too large) is not an error of this tree: the sink resolves it
+itself (isolates the lines, splits the batch) and returns the refused lines to be dead-lettered.
 """
 
 from __future__ import annotations
@@ -54,20 +55,6 @@ class SinkUnavailable(SinkError):
 
 class SinkTimeout(SinkUnavailable):
     """The node gave no answer within the write timeout."""
-
-
-class SinkRejected(SinkError):
-    """HTTP 400: the server refused some lines; ``bad_lines`` are those it named."""
-
-    def __init__(
-        self, message: str, *, bad_lines: list[bytes], cluster: str = "", node: str = ""
-    ) -> None:
-        self.bad_lines = bad_lines
-        super().__init__(message, cluster=cluster, node=node)
-
-
-class SinkTooLarge(SinkError):
-    """HTTP 413: the request body is over the server's limit."""
 
 
 class SinkMisconfigured(SinkError):

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -326,8 +325,3 @@ def wait_paused(router: RouterProc, route: str, cluster: str, timeout: float = 3
         return bool(d["assigned"]) and d["paused"] == d["assigned"] and not d["active"]
 
     wait_until(paused, timeout=timeout, what=f"every partition of influx-{cluster} paused")
-
-
-def sleep_briefly() -> None:
-    """Let a producer interleave with the router (not a synchronisation point)."""
-    time.sleep(0.2)
