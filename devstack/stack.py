@@ -109,6 +109,7 @@ class Service:
     ready: Callable[[], bool]
     marker: str  # a substring of /proc/PID/cmdline that proves the pid is still ours
     prepare: Callable[[], None] = field(default=lambda: None)
+    stale: Callable[[], bool] = field(default=lambda: False)  # running with outdated settings
     extra_ports: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -167,39 +168,56 @@ def _kafka_home() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}"
 
 
-def _kafka_prepare() -> None:
+def _kafka_properties() -> str:
+    """The broker's server.properties. Topics are never created by a produce or a metadata
+    request (``auto.create.topics.enable=false``): a missing topic stays missing, as in the
+    clusters the router meets in production, so every test and script creates its own."""
     p = ports()
+    data = stack_dir() / "kafka" / "data"
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{p['kafka_controller']}",
+            f"listeners=PLAINTEXT://127.0.0.1:{p['kafka']},"
+            f"CONTROLLER://127.0.0.1:{p['kafka_controller']}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{p['kafka']}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=4",
+            "auto.create.topics.enable=false",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "log.retention.check.interval.ms=5000",
+            "",
+        ]
+    )
+
+
+def _kafka_stale() -> bool:
+    """The running broker was started with other settings than ``_kafka_properties()`` (an
+    older stack dir, say with auto-create on): ``up`` restarts it rather than keep them."""
+    props = stack_dir() / "kafka" / "server.properties"
+    try:
+        return props.read_text() != _kafka_properties()
+    except OSError:
+        return True
+
+
+def _kafka_prepare() -> None:
+    """Written on every start, so a changed setting reaches an existing stack dir too."""
     home = stack_dir() / "kafka"
     data = home / "data"
     props = home / "server.properties"
     home.mkdir(parents=True, exist_ok=True)
-    props.write_text(
-        "\n".join(
-            [
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{p['kafka_controller']}",
-                f"listeners=PLAINTEXT://127.0.0.1:{p['kafka']},"
-                f"CONTROLLER://127.0.0.1:{p['kafka_controller']}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{p['kafka']}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                f"log.dirs={data}",
-                "num.partitions=4",
-                "auto.create.topics.enable=true",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
-                "log.retention.check.interval.ms=5000",
-                "",
-            ]
-        )
-    )
+    props.write_text(_kafka_properties())
     (home / "log4j2.properties").write_text(
         "\n".join(
             [
@@ -418,6 +436,7 @@ def _kafka_service() -> Service:
         ready=_kafka_ready,
         marker=str(props),
         prepare=_kafka_prepare,
+        stale=_kafka_stale,
     )
     svc.argv = argv() if (_kafka_home() / "libs" / ".complete").exists() else []
     return svc
@@ -516,16 +535,24 @@ def _create_databases() -> None:
 def up(timeout: float = 120.0) -> list[str]:
     """Start every server that is not already running; wait until all answer.
 
-    Returns the names of the services this call started (empty when all were running).
+    Returns the names of the services this call started (empty when all were running). A
+    running server whose settings changed (Kafka's server.properties, say an old stack dir with
+    topic auto-creation on) is restarted with the new ones; it is not in the returned list.
     """
     _check_installed()
     svcs = services()
+    restarted: set[str] = set()  # running with outdated settings: started again, not "started" here
+    for svc in svcs:
+        pid = _alive_pid(svc)
+        if pid is not None and svc.stale():
+            _stop_pid(pid, 30.0)
+            restarted.add(svc.name)
     to_start = [svc for svc in svcs if _alive_pid(svc) is None]
     for svc in to_start:  # all ports first: a taken port must not leave half a stack behind
         _check_ports(svc)
     for svc in to_start:
         _start(svc)
-    started = [svc.name for svc in to_start]
+    started = [svc.name for svc in to_start if svc.name not in restarted]
     deadline = time.monotonic() + timeout
     for svc in svcs:
         _wait_ready(svc, deadline)

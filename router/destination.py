@@ -1,44 +1,90 @@
 """One destination: the consumer group of a (route, cluster) pair, its batches and its commits.
 
-A ``Destination`` owns one confluent-kafka consumer and one thread that does every consumer
-call (consume, pause, seek, resume, commit). Writes run on a small thread pool (``max_in_flight``
-batches at once); their outcomes come back to the consumer thread through a queue, where the
-``OffsetTracker`` decides what may be committed. Commands from the engine (activate,
-deactivate) also go through a queue, so the consumer is never touched from two threads.
+A ``Destination`` is a state machine driven by one thread (the consumer thread), which alone
+touches its ``PartitionSource`` (consume, pause, start, commit). It owns three narrow parts:
 
-States of the destination (``want_active`` is what the engine asked for):
-  active   partitions resumed at a computed start offset, messages batched and written
-  paused   partitions paused; the backlog stays in Kafka; a stale message is dropped
-  cooldown a batch failed: paused until every in-flight batch is settled, then (if still
-           wanted) rewound to the committed offsets and resumed after a back-off
-  stopped  InfluxDB refused our credentials/database: paused until the topology changes
+  source   ``router.source``: where partitions and messages come from (rebalance callbacks)
+  batcher  ``router.batch``: messages -> batches (splits a message larger than a batch)
+  writers  ``router.writer``: batches -> InfluxDB + dead letters on worker threads; every
+           outcome, even an unexpected exception, comes back on one queue
+  tracker  ``router.offsets.OffsetTracker``: what may be committed, per partition
 
-Memory is bounded by max_in_flight x batch size plus librdkafka's fetch queue (capped in the
-consumer settings), never by the backlog.
+Commands from the engine (activate, deactivate, stop) arrive on a queue. Every state change goes
+through ``_transition``, which logs one ``destination_state`` event and sets the metrics:
+
+  starting  the thread runs; no command yet
+  paused    not wanted (or its cluster is unusable): partitions paused, backlog stays in Kafka
+  active    partitions started at their computed offsets; messages batched and written
+  draining  a graceful deactivation: nothing new is read; in-flight batches finish and commit,
+            then ``paused`` (bounded by the write deadline; the engine waits for it)
+  backoff   a batch failed (InfluxDB unavailable, timeout, an internal error): paused until
+            every batch in flight settled and a growing, jittered, capped delay passed, then
+            rewound to the committed offsets and started again (or paused if no longer wanted)
+  blocked   InfluxDB took the batch but its refused lines cannot be delivered to the
+            dead-letter topic: reading goes on, the batch is held (nothing of its partitions is
+            committed past it) and its letters alone are retried with back-off until delivered
+  stopped   InfluxDB refused our credentials or database (401/403/404): paused until the
+            topology changes the cluster (the engine rebuilds the destination)
+  crashed   the consumer thread ended on an error: the engine rebuilds the destination
+  closed    stopped on request (SIGTERM, reload)
+
+Rebalance callbacks are bounded (``REBALANCE_WAIT``): in-flight writes of revoked partitions
+are awaited that long, committed if they landed, otherwise abandoned uncommitted (the new owner
+reads them again: at-least-once). Memory is bounded by max_in_flight x batch size plus
+librdkafka's fetch queue, never by the backlog.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from router.errors import SinkError, SinkMisconfigured, SourceError
+from router.backoff import backoff_delay
+from router.batch import Batch, Batcher
+from router.errors import SourceError
 from router.graphite import GraphiteConverter
-from router.kafka import NO_OFFSET, DeadLetter, DeadLetterProducer, KafkaAdmin
+from router.kafka import DeadLetter
 from router.metrics import Metrics
-from router.offsets import OffsetTracker, TopicPart
+from router.offsets import Marks, OffsetTracker, StartPlan, TopicPart, start_offsets
 from router.policy import StartFrom
-from router.sink import InfluxSink
+from router.source import GroupSource, PartitionSource, Record
+from router.stamp import Precision, kafka_time, lacks_timestamp, stamp_lines
+from router.writer import DeadLetters, Outcome, Sink, WritePool
 
 log = structlog.get_logger("router")
+
+REBALANCE_WAIT = 5.0  # seconds a rebalance callback waits for in-flight writes
+MAX_BLOCKED = 8  # batches held for their dead letters before reading stops too
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    PAUSED = "paused"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    BACKOFF = "backoff"
+    BLOCKED = "blocked"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    CLOSED = "closed"
+
+
+class OffsetReader(Protocol):
+    """What a destination reads of Kafka besides its messages (``router.kafka.KafkaAdmin``)."""
+
+    def committed(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]: ...
+    def watermarks(self, tps: Iterable[TopicPart]) -> dict[TopicPart, Marks]: ...
+
+
+READING = frozenset({State.ACTIVE, State.BLOCKED})
 
 
 @dataclass(frozen=True)
@@ -52,39 +98,28 @@ class DestinationSpec:
     max_bytes: int
     linger: float
     max_in_flight: int
-    write_deadline: float  # how long one batch may take with its retries (revoke/drain wait)
+    write_deadline: float  # how long one batch may take with its retries
     graphite_templates: tuple[str, ...] = ()  # set: messages are graphite, converted first
-
-
-@dataclass
-class _Batch:
-    batch_id: int
-    values: list[bytes] = field(default_factory=list)
-    origins: list[TopicPart] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    last: dict[TopicPart, int] = field(default_factory=dict)
-    dead: list[DeadLetter] = field(default_factory=list)  # refused before the write
-    points: int = 0
-    size: int = 0
-    started: float = 0.0
-
-    def add(self, tp: TopicPart, offset: int, value: bytes) -> None:
-        if not self.values:
-            self.started = time.monotonic()
-        self.values.append(value)
-        self.origins.append(tp)
-        self.offsets.append(offset)
-        self.last[tp] = offset
-        self.points += value.count(b"\n") + (0 if value.endswith(b"\n") else 1)
-        self.size += len(value) + 1
+    stamp_missing: bool = False  # a line without a timestamp gets its message's timestamp
+    precision: Precision = "ns"  # of the writes (graphite: always ns), for stamp_missing
 
 
 @dataclass(frozen=True)
-class _Outcome:
-    batch: _Batch
-    error: SinkError | SourceError | None = None
-    rejected: int = 0
-    seconds: float = 0.0
+class DestinationStatus:
+    route: str
+    cluster: str
+    group: str
+    state: str  # a State value
+    assigned: tuple[TopicPart, ...]
+    paused: tuple[TopicPart, ...]
+    in_flight: int
+    buffered: int
+    error: str
+    reason: str = ""  # why the destination is in its state (its last transition)
+    since: float = 0.0  # wall-clock time of the last state transition
+    oldest_unsettled: float = 0.0  # age in seconds of the oldest batch not yet settled (0: none)
+    thread_alive: bool = True  # False once the consumer thread has ended
+    write_deadline: float = 60.0  # a batch older than this means the destination is stuck
 
 
 @dataclass(frozen=True)
@@ -99,89 +134,76 @@ class _Deactivate:
     done: threading.Event
 
 
-@dataclass(frozen=True)
-class DestinationStatus:
-    route: str
-    cluster: str
-    group: str
-    state: str  # active | paused | cooldown | stopped
-    assigned: tuple[TopicPart, ...]
-    paused: tuple[TopicPart, ...]
-    in_flight: int
-    buffered: int
-    error: str
-
-
 class Destination:
     def __init__(
         self,
         spec: DestinationSpec,
         *,
         kafka_config: Mapping[str, str],
-        sink: InfluxSink,
-        admin: KafkaAdmin,
-        dead_letters: DeadLetterProducer,
+        sink: Sink,
+        admin: OffsetReader,
+        dead_letters: DeadLetters,
         metrics: Metrics,
         on_misconfigured: Callable[[str, str], None] = lambda cluster, why: None,
+        source: PartitionSource | None = None,
     ) -> None:
         self.spec = spec
-        self._sink = sink
         self._admin = admin
         self._dlq = dead_letters
         self._metrics = metrics
         self._on_misconfigured = on_misconfigured
-        try:
-            self._consumer = self._make_consumer(spec, kafka_config)
-        except KafkaException as exc:
-            raise SourceError(f"cannot create the consumer of {spec.group}: {exc}") from exc
-        self._pool = ThreadPoolExecutor(
-            max_workers=spec.max_in_flight, thread_name_prefix=f"write-{spec.cluster}"
+        self._labels = {"route": spec.route, "cluster": spec.cluster}
+        self._source: PartitionSource = source or GroupSource(
+            spec.topics, spec.group, f"frouter-{spec.route}-{spec.cluster}", kafka_config
+        )
+        self._writers = WritePool(
+            route=spec.route,
+            cluster=spec.cluster,
+            sink=sink,
+            dead_letters=dead_letters,
+            workers=spec.max_in_flight,
+        )
+        self._batcher = Batcher(spec.max_points, spec.max_bytes, spec.linger)
+        self._graphite = (
+            GraphiteConverter(spec.graphite_templates) if spec.graphite_templates else None
         )
         self._commands: queue.Queue[_Activate | _Deactivate] = queue.Queue()
-        self._outcomes: queue.Queue[_Outcome] = queue.Queue()
-        self._tracker = OffsetTracker()
-        self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
-        self.crashed = ""  # set when the consumer thread ended: the engine rebuilds it
-        self._restart_reason = ""
-        self._assigned: set[TopicPart] = set()
-        self._live: set[TopicPart] = set()  # assigned, sought and resumed: messages accepted
+        # --- owned by the consumer thread ---
+        self._state = State.STARTING
+        self._reason = "created"
+        self._since = time.time()
         self._want_active = False
         self._start_mode = StartFrom.OWN
-        self._cooldown_until: float | None = None
-        self._stopped_reason = ""
-        self._batch = _Batch(0)
-        self._next_batch = 1
+        self._assigned: set[TopicPart] = set()
+        self._live: set[TopicPart] = set()  # assigned and started: messages accepted
+        self._tracker = OffsetTracker()
+        self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
+        self._next: dict[TopicPart, int] = {}  # live partition -> next offset to read
+        self._starved_since = 0.0  # no free write slot since (monotonic; 0: a slot is free)
+        self._throttled = False  # live partitions paused while no slot frees up
+        self._generation = 0  # bumped when tracking resets: outcomes of older batches ignored
+        self._unsettled: dict[int, Batch] = {}  # batch id -> batch, in flight or held
+        self._held: dict[int, float] = {}  # batch id -> when to retry its dead letters
+        self._failures = 0  # consecutive failed outcomes (the back-off grows with them)
+        self._retry_at = 0.0
+        self._draining: _Deactivate | None = None
+        self._drain_deadline = 0.0
+        self._pending_done: list[threading.Event] = []
+        self._error = ""
+        self._restart_reason = ""
+        # --- shared ---
+        self.crashed = ""  # set when the consumer thread ended: the engine rebuilds it
         self._stop = threading.Event()
         self._graceful_stop = True
+        self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"dest-{spec.route}-{spec.cluster}", daemon=True
         )
         self._status = self._snapshot()
-        self._labels = {"route": spec.route, "cluster": spec.cluster}
-        self._graphite = (
-            GraphiteConverter(spec.graphite_templates) if spec.graphite_templates else None
-        )
-
-    @staticmethod
-    def _make_consumer(spec: DestinationSpec, kafka_config: Mapping[str, str]) -> Consumer:
-        return Consumer(
-            {
-                # defaults an operator may override in kafka.client_config
-                "session.timeout.ms": "10000",  # a dead replica's partitions move in ~10 s
-                "heartbeat.interval.ms": "1000",
-                "queued.max.messages.kbytes": "16384",  # bounds librdkafka's prefetch
-                "client.id": f"frouter-{spec.route}-{spec.cluster}",
-                **kafka_config,
-                # owned by the router (the topology refuses them in client_config)
-                "group.id": spec.group,
-                "enable.auto.commit": "false",
-                "enable.auto.offset.store": "false",
-                # Start offsets are always explicit; data deleted under a partition being read
-                # must surface (and be counted), not be skipped silently by librdkafka.
-                "auto.offset.reset": "error",
-                "partition.assignment.strategy": "range,roundrobin",
-            }
-        )
+        for state in State:
+            self._metrics.destination_state.labels(**self._labels, state=state.value).set(
+                1 if state is self._state else 0
+            )
 
     # --- called from other threads ------------------------------------------------------
 
@@ -197,231 +219,354 @@ class Destination:
         self._commands.put(_Deactivate(graceful, reason, done))
         return done
 
-    def stop(self, timeout: float = 60.0, graceful: bool = True) -> None:
-        """Stop fetching, finish in-flight writes, commit, leave the group."""
+    def request_stop(self, graceful: bool = True) -> threading.Event:
+        """Stop fetching, finish in-flight writes (graceful), commit, leave the group. The event
+        is set once the consumer has left its group and the thread has ended."""
         self._graceful_stop = graceful
         self._stop.set()
-        self._thread.join(timeout)
+        if not self._thread.is_alive() and not self._thread.ident:
+            self._stopped.set()  # never started
+        return self._stopped
+
+    def stop(self, timeout: float = 60.0, graceful: bool = True) -> None:
+        self.request_stop(graceful)
+        if self._thread.ident:
+            self._thread.join(timeout)
 
     @property
     def status(self) -> DestinationStatus:
-        return self._status
+        snap = self._status
+        oldest = snap.oldest_unsettled
+        return dataclasses.replace(
+            snap,
+            oldest_unsettled=time.monotonic() - oldest if oldest else 0.0,
+            thread_alive=self._thread.is_alive() or not self._thread.ident,
+        )
+
+    # --- the state machine --------------------------------------------------------------
+
+    def _transition(self, to: State, reason: str, **fields: object) -> None:
+        """The one place a state changes: one event, the state metric, the status."""
+        if to is self._state and reason == self._reason:
+            return
+        frm = self._state
+        self._state, self._reason, self._since = to, reason, time.time()
+        if to is not frm:
+            m = self._metrics.destination_state
+            m.labels(**self._labels, state=frm.value).set(0)
+            m.labels(**self._labels, state=to.value).set(1)
+            self._metrics.destination_active.labels(**self._labels).set(
+                1 if to in READING or to is State.DRAINING else 0
+            )
+        level = log.warning if to in (State.BACKOFF, State.BLOCKED) else log.info
+        if to in (State.STOPPED, State.CRASHED):
+            level = log.error
+        level(
+            "destination_state",
+            **self._labels,
+            from_state=frm.value,
+            to_state=to.value,
+            reason=reason,
+            **fields,
+        )
+        self._publish()
+
+    def _publish(self) -> None:
+        self._status = self._snapshot()
+        self._metrics.assigned_partitions.labels(**self._labels).set(len(self._assigned))
+        self._metrics.paused_partitions.labels(**self._labels).set(
+            len(self._assigned) - len(self._live)
+        )
+        self._metrics.in_flight.labels(**self._labels).set(len(self._unsettled))
 
     # --- the consumer thread ------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._consumer.subscribe(
-                list(self.spec.topics),
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
+            self._source.open(self._on_assign, self._on_revoke, self._on_lost)
             last_status = 0.0
             while not self._stop.is_set() and not self._restart_reason:
                 self._handle_commands()
-                self._settle_outcomes(block=False)
-                self._maybe_recover()
-                if self._live and self._tracker.in_flight() < self.spec.max_in_flight:
+                self._settle(self._writers.get(None))
+                self._tick()
+                if self._state in READING and self._has_slot():
+                    self._unthrottle()
                     self._consume(timeout=0.05)
-                elif self._live:
-                    self._settle_outcomes(block=True, timeout=0.05)
+                elif self._state in READING:
+                    self._starved()
                 else:
-                    self._consume(timeout=0.1)  # paused: keeps group membership and callbacks
-                self._maybe_flush()
+                    self._consume(timeout=0.1)
                 now = time.monotonic()
+                if self._state in READING and self._batcher.due(now):
+                    self._submit(self._batcher.take())
                 if now - last_status > 0.25:
-                    self._status = self._snapshot()
+                    self._publish()
                     last_status = now
             self._shutdown()
             if self._restart_reason:
                 self.crashed = self._restart_reason
-        except (KafkaException, SourceError) as exc:  # the loop cannot go on: say so, loudly
-            log.error("destination_crashed", **self._labels, error=str(exc))
-            self._stopped_reason = f"crashed: {exc}"
-            self._status = self._snapshot()
-            self.crashed = str(exc)  # the engine rebuilds this destination
-            with contextlib.suppress(KafkaException, RuntimeError):
-                self._consumer.close()  # leave the group so the partitions move at once
+                self._transition(State.CRASHED, self._restart_reason)
+            else:
+                self._transition(State.CLOSED, "stop requested")
+        except Exception as exc:  # deliberate: a dead thread must be visible
+            log.exception("destination_crashed", **self._labels, error=str(exc))
+            self._error = f"crashed: {type(exc).__name__}: {exc}"
+            self.crashed = self._error
+            self._transition(State.CRASHED, self._error)
+            self._source.close()  # leave the group so the partitions move at once
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._writers.close()
+            for done in self._pending_done:
+                done.set()
+            if self._draining is not None:
+                self._draining.done.set()
+            self._stopped.set()
+
+    def _has_slot(self) -> bool:
+        in_flight = len(self._unsettled) - len(self._held)
+        return in_flight < self.spec.max_in_flight and len(self._held) < MAX_BLOCKED
+
+    def _starved(self) -> None:
+        """Every write slot is taken: wait for an outcome. If none comes for a second (a slow
+        or hung cluster), pause the live partitions and keep polling, so rebalance callbacks
+        still run within seconds; ``_unthrottle`` seeks them back to where reading stopped."""
+        now = time.monotonic()
+        if not self._starved_since:
+            self._starved_since = now
+        self._settle(self._writers.get(0.05))
+        if self._has_slot() or self._state not in READING:
+            return
+        if not self._throttled and now - self._starved_since > 1.0:
+            self._source.pause(sorted(self._live))
+            self._throttled = True
+        if self._throttled:
+            self._consume(timeout=0.0)  # messages are dropped; callbacks are served
+
+    def _unthrottle(self) -> None:
+        self._starved_since = 0.0
+        if not self._throttled:
+            return
+        self._throttled = False
+        try:
+            self._source.start({tp: self._next[tp] for tp in sorted(self._live)})
+        except SourceError as exc:
+            self._enter_backoff(f"resume after a slow write: {exc}")
 
     def _consume(self, timeout: float) -> None:
-        msgs = self._consumer.consume(num_messages=1000, timeout=timeout)
+        msgs = self._source.poll(1000, timeout)
+        if self._source.out_of_range:
+            tps, self._source.out_of_range = self._source.out_of_range, []
+            self._out_of_range(tps)
+        if self._throttled:
+            return  # read again from self._next when a write slot frees up
+        nxt = self._next
         for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._AUTO_OFFSET_RESET:
-                    self._out_of_range((msg.topic() or "", msg.partition() or 0))
-                elif err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume_error", **self._labels, error=str(err))
-                continue
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp not in self._live:
-                continue  # fetched before a pause; it is read again after the next seek
-            value = msg.value()
-            if not value:
-                continue
+                continue  # fetched before a pause; it is read again after the next start
             offset = msg.offset() or 0
-            payload = bytes(value)
-            if self._graphite is not None:
-                payload = self._from_graphite(tp, offset, payload)
-                if not payload:
-                    continue
-            self._batch.add(tp, offset, payload)
-            if self._batch_full():
-                self._submit()
+            nxt[tp] = offset + 1
+            value = msg.value()
+            payload = bytes(value) if value else b""
+            if payload and self._graphite is not None:
+                payload = self._from_graphite(tp, offset, payload, msg)
+            elif payload and self.spec.stamp_missing and lacks_timestamp(payload):
+                ts = kafka_time(msg.timestamp(), self.spec.precision)
+                if ts is not None:  # a message without a timestamp: InfluxDB's arrival time
+                    payload = stamp_lines(payload, ts)
+            if not payload:
+                self._batcher.current.advance(tp, offset)  # nothing to write: still commits
+                continue
+            for full in self._batcher.add(tp, offset, payload):
+                self._submit(full)
 
-    def _from_graphite(self, tp: TopicPart, offset: int, payload: bytes) -> bytes:
-        """Graphite plaintext -> line protocol; bad lines ride along to the dead letters."""
+    def _from_graphite(self, tp: TopicPart, offset: int, payload: bytes, msg: Record) -> bytes:
+        """Graphite plaintext -> line protocol; bad lines ride along to the dead letters. A line
+        without a timestamp gets the message's (``stamp_missing``), else the time now."""
         assert self._graphite is not None
-        lines, bad = self._graphite.convert(payload, time.time_ns())
+        ts = kafka_time(msg.timestamp(), "ns") if self.spec.stamp_missing else None
+        lines, bad = self._graphite.convert(payload, time.time_ns() if ts is None else ts)
         if bad:
-            if not self._batch.values:
-                self._batch.started = time.monotonic()
-            self._batch.dead.extend(
+            self._batcher.current.dead.extend(
                 DeadLetter(line, reason, tp[0], tp[1], offset, self.spec.cluster, self.spec.route)
                 for line, reason in bad
             )
-            self._batch.last[tp] = max(self._batch.last.get(tp, offset), offset)
         return lines
 
-    def _out_of_range(self, tp: TopicPart) -> None:
-        """The partition's next offset was deleted (retention) while we were reading it.
+    def _out_of_range(self, tps: list[TopicPart]) -> None:
+        """A partition's next offset was deleted (retention) while we were reading it.
 
         librdkafka leaves the partition in an error state (auto.offset.reset=error) that a seek
         cannot leave, and re-assigning outside a rebalance is unsafe. So the destination stops
         gracefully (flush, commit, leave the group) and the engine rebuilds it: the new
-        consumer starts from the committed offsets, and ``_start_offsets`` counts the exact gap.
+        consumer starts from the committed offsets, and ``start_offsets`` counts the exact gap.
         """
-        if tp not in self._live:
+        live = [tp for tp in tps if tp in self._live]
+        if not live:
             return  # paused: it gets an explicit start offset when it is activated
-        log.warning("offset_out_of_range", **self._labels, topic=tp[0], partition=tp[1])
-        self._restart_reason = f"offset out of range on {tp[0]}[{tp[1]}]"
+        for t, p in live:
+            log.warning("offset_out_of_range", **self._labels, topic=t, partition=p)
+        t, p = live[0]
+        self._restart_reason = f"offset out of range on {t}[{p}]"
 
-    def _record_retention_gap(self, tp: TopicPart, committed: int, earliest: int) -> None:
-        lost = earliest - committed
-        self._metrics.retention_lost.labels(**self._labels, topic=tp[0]).inc(lost)
-        log.error(
-            "retention_gap",
-            **self._labels,
-            topic=tp[0],
-            partition=tp[1],
-            committed=committed,
-            earliest=earliest,
-            lost=lost,
-        )
+    # --- writes and their outcomes ------------------------------------------------------
 
-    def _batch_full(self) -> bool:
-        b = self._batch
-        return b.points >= self.spec.max_points or b.size >= self.spec.max_bytes
-
-    def _maybe_flush(self) -> None:
-        b = self._batch
-        if (b.values or b.dead) and time.monotonic() - b.started >= self.spec.linger:
-            self._submit()
-
-    def _submit(self) -> None:
-        batch = self._batch
-        self._batch = _Batch(self._next_batch + 1)
-        if not batch.values and not batch.dead:
+    def _submit(self, batch: Batch) -> None:
+        if batch.empty():
             return
-        batch.batch_id = self._next_batch
-        self._next_batch += 1
+        batch.generation = self._generation
+        batch.submitted = time.monotonic()
         self._tracker.add(batch.batch_id, batch.last)
-        self._metrics.in_flight.labels(**self._labels).set(self._tracker.in_flight())
-        future = self._pool.submit(self._write, batch)
-        future.add_done_callback(self._collect)
+        self._unsettled[batch.batch_id] = batch
+        self._writers.submit(batch)
 
-    def _collect(self, future: Future[_Outcome]) -> None:
-        if not future.cancelled():
-            self._outcomes.put(future.result())
-
-    def _write(self, batch: _Batch) -> _Outcome:
-        """Runs on a pool thread: write, dead-letter the rejected lines, report the outcome."""
-        started = time.monotonic()
-        try:
-            rejected = self._sink.write(batch.values) if batch.values else []
-            letters = batch.dead + [
-                DeadLetter(
-                    line=r.line,
-                    reason=r.reason,
-                    topic=batch.origins[r.index][0],
-                    partition=batch.origins[r.index][1],
-                    offset=batch.offsets[r.index],
-                    cluster=self.spec.cluster,
-                    route=self.spec.route,
-                )
-                for r in rejected
-            ]
-            if letters:
-                self._dlq.send(letters)
-                for dl in letters:
-                    self._metrics.dead_letters.labels(**self._labels, topic=dl.topic).inc()
-        except (SinkError, SourceError) as exc:
-            return _Outcome(batch, error=exc, seconds=time.monotonic() - started)
-        return _Outcome(batch, rejected=len(letters), seconds=time.monotonic() - started)
-
-    def _settle_outcomes(self, block: bool, timeout: float = 0.0) -> None:
-        try:
-            outcome = self._outcomes.get(timeout=timeout) if block else self._outcomes.get_nowait()
-        except queue.Empty:
-            return
+    def _settle(self, outcomes: Sequence[Outcome]) -> None:
         ready: dict[TopicPart, int] = {}
-        while True:
-            ready.update(self._settle(outcome))
-            try:
-                outcome = self._outcomes.get_nowait()
-            except queue.Empty:
-                break
+        for outcome in outcomes:
+            batch = outcome.batch
+            if batch.generation != self._generation:
+                continue  # abandoned (revoked, rewound): its partitions are read again
+            self._metrics.write_seconds.labels(**self._labels).observe(outcome.seconds)
+            if outcome.ok:
+                ready.update(self._succeeded(batch, outcome))
+            elif outcome.kind == "dead_letter":
+                self._letters_failed(batch, outcome)
+            else:
+                self._failed(batch, outcome)
         if ready:
             self._commit(ready, asynchronous=True)
-        self._metrics.in_flight.labels(**self._labels).set(self._tracker.in_flight())
+        if outcomes:
+            self._publish()
 
-    def _settle(self, outcome: _Outcome) -> dict[TopicPart, int]:
-        batch = outcome.batch
-        labels = self._labels
-        self._metrics.write_seconds.labels(**labels).observe(outcome.seconds)
-        if outcome.error is None:
-            self._metrics.batches.labels(**labels, outcome="ok").inc()
-            written = batch.points - outcome.rejected + len(batch.dead)
-            self._metrics.points_written.labels(**labels).inc(written)
-            self._metrics.messages_written.labels(**labels).inc(len(batch.values))
-            if outcome.rejected:
-                log.warning("dead_letters", **labels, lines=outcome.rejected, topic=self._dlq.topic)
-            return self._tracker.complete(batch.batch_id)
-        self._tracker.fail(batch.batch_id)
-        if isinstance(outcome.error, SinkMisconfigured):
-            self._metrics.batches.labels(**labels, outcome="misconfigured").inc()
-            if not self._stopped_reason:
-                self._stopped_reason = str(outcome.error)
-                self._metrics.sink_misconfigured.labels(**labels).set(1)
-                log.error("sink_misconfigured", **labels, reason=str(outcome.error))
-                self._on_misconfigured(self.spec.cluster, str(outcome.error))
-        else:
-            self._metrics.batches.labels(**labels, outcome="failed").inc()
+    def _succeeded(self, batch: Batch, outcome: Outcome) -> dict[TopicPart, int]:
+        self._unsettled.pop(batch.batch_id, None)
+        self._held.pop(batch.batch_id, None)
+        self._failures = 0
+        self._metrics.batches.labels(**self._labels, outcome="ok").inc()
+        self._metrics.points_written.labels(**self._labels).inc(batch.points - batch.refused)
+        self._metrics.messages_written.labels(**self._labels).inc(batch.messages)
+        if batch.letters:
+            for dl in batch.letters:
+                self._metrics.dead_letters.labels(**self._labels, topic=dl.topic).inc()
             log.warning(
-                "batch_failed", **labels, reason=str(outcome.error), messages=len(batch.values)
+                "dead_letters", **self._labels, lines=len(batch.letters), topic=self._dlq.topic
             )
-        self._enter_cooldown()
-        return {}
+        if self._state is State.BLOCKED and not self._held:
+            self._transition(State.ACTIVE, "dead letters delivered")
+        return self._tracker.complete(batch.batch_id)
 
-    def _enter_cooldown(self) -> None:
-        """A batch failed: stop reading, drop what is buffered, rewind once settled."""
-        if self._cooldown_until is None:
-            self._cooldown_until = time.monotonic() + 1.0
+    def _letters_failed(self, batch: Batch, outcome: Outcome) -> None:
+        """InfluxDB took the batch, the dead-letter topic did not take its refused lines."""
+        self._failures += 1
+        delay = backoff_delay(self._failures)
+        self._held[batch.batch_id] = time.monotonic() + delay
+        if self._state not in READING and self._state is not State.DRAINING:
+            self._drop_held()
+        self._metrics.dead_letter_errors.labels(**self._labels).inc()
+        self._metrics.batch_failures.labels(**self._labels, reason="dead_letter").inc()
+        self._metrics.batches.labels(**self._labels, outcome="dead_letter_error").inc()
+        log.error(
+            "dead_letter_failed",
+            **self._labels,
+            reason=outcome.reason,
+            letters=len(batch.letters),
+            retry_in=round(delay, 2),
+        )
+        if self._state is State.ACTIVE:
+            self._transition(State.BLOCKED, f"dead letters undeliverable: {outcome.reason}")
+
+    def _failed(self, batch: Batch, outcome: Outcome) -> None:
+        kind = outcome.kind or "internal"
+        self._unsettled.pop(batch.batch_id, None)
+        self._tracker.fail(batch.batch_id)
+        self._metrics.batch_failures.labels(**self._labels, reason=kind).inc()
+        self._metrics.batches.labels(
+            **self._labels, outcome="misconfigured" if kind == "misconfigured" else "failed"
+        ).inc()
+        log.warning(
+            "batch_failed",
+            **self._labels,
+            reason=outcome.reason,
+            kind=kind,
+            messages=batch.messages,
+        )
+        if kind == "misconfigured":
+            if self._state is not State.STOPPED:
+                self._error = outcome.reason
+                self._metrics.sink_misconfigured.labels(**self._labels).set(1)
+                log.error("sink_misconfigured", **self._labels, reason=outcome.reason)
+                self._on_misconfigured(self.spec.cluster, outcome.reason)
+                self._halt()
+                self._transition(State.STOPPED, outcome.reason)
+            return
+        self._failures += 1
+        if self._state is not State.BACKOFF and self._state is not State.STOPPED:
+            delay = backoff_delay(self._failures)
+            self._retry_at = time.monotonic() + delay
+            self._halt()
+            self._transition(State.BACKOFF, outcome.reason, retry_in=round(delay, 2))
+
+    def _halt(self) -> None:
+        """Stop reading: pause every partition, drop what is buffered, end a drain."""
         self._pause_all()
-        self._batch = _Batch(self._next_batch)
+        self._batcher.drop()
+        self._drop_held()
+        if self._draining is not None:
+            self._pending_done.append(self._draining.done)
+            self._draining = None
 
-    def _maybe_recover(self) -> None:
-        if self._cooldown_until is None or self._tracker.in_flight():
-            return
-        if time.monotonic() < self._cooldown_until:
-            return
-        self._cooldown_until = None
-        self._tracker = OffsetTracker()  # failed partitions restart from their commits
-        if self._want_active and not self._stopped_reason:
-            self._resume(self._start_mode)
+    def _drop_held(self) -> None:
+        """Give up the batches held for their letters (not while a retry is in flight): they
+        stay uncommitted, so their range is read, written and dead-lettered again later."""
+        for batch_id, when in list(self._held.items()):
+            if when != float("inf"):
+                del self._held[batch_id]
+                self._unsettled.pop(batch_id, None)
+                self._tracker.fail(batch_id)
+
+    def _tick(self) -> None:
+        """Time-driven transitions: retry held letters, end a back-off, finish a drain."""
+        now = time.monotonic()
+        for batch_id, when in list(self._held.items()):
+            if now >= when:
+                self._held[batch_id] = float("inf")  # in flight again
+                self._writers.submit(self._unsettled[batch_id])
+        for done in self._pending_done:
+            done.set()
+        self._pending_done.clear()
+        if self._state is State.BACKOFF and not self._unsettled and now >= self._retry_at:
+            self._reset_tracking()
+            if self._want_active:
+                self._resume("retry after back-off")
+            else:
+                self._transition(State.PAUSED, "back-off over; not wanted")
+        elif (
+            self._state is State.DRAINING
+            and self._draining is not None
+            and (not self._unsettled or now >= self._drain_deadline)
+        ):
+            cmd = self._draining
+            self._draining = None
+            self._commit_sync()
+            if self._unsettled:
+                log.warning("drain_incomplete", **self._labels, batches=len(self._unsettled))
+            self._transition(State.PAUSED, cmd.reason, graceful=True)
+            cmd.done.set()
+            if self._want_active:  # activated again while draining
+                self._resume(f"start from {self._start_mode.value}")
+
+    def _reset_tracking(self) -> None:
+        """Forget every batch in flight or buffered: revoke, lost, back-off all start over from
+        the committed offsets (outcomes still to come are ignored by their generation)."""
+        self._generation += 1
+        self._tracker = OffsetTracker()
+        self._unsettled.clear()
+        self._held.clear()
+        self._batcher.drop()
+        self._committable = {}
+        self._next = {}
+        self._throttled = False
+        self._starved_since = 0.0
 
     # --- commands -----------------------------------------------------------------------
 
@@ -433,228 +578,249 @@ class Destination:
                 return
             if isinstance(cmd, _Activate):
                 self._start_mode = cmd.start
-                if not self._want_active:
-                    self._want_active = True
-                    self._metrics.destination_active.labels(**self._labels).set(1)
-                    if self._cooldown_until is None and not self._stopped_reason:
-                        self._resume(cmd.start)
+                self._want_active = True
+                if self._state in (State.STARTING, State.PAUSED):
+                    self._resume(f"start from {cmd.start.value}")
             else:
                 self._deactivate(cmd)
 
     def _deactivate(self, cmd: _Deactivate) -> None:
-        was_active = self._want_active
         self._want_active = False
-        self._metrics.destination_active.labels(**self._labels).set(0)
+        if self._state not in READING:
+            if self._state is State.STARTING:
+                self._transition(State.PAUSED, cmd.reason)
+            cmd.done.set()
+            return
         self._pause_all()
-        if cmd.graceful:
-            self._submit()
-            self._drain_in_flight()
-        else:
-            self._batch = _Batch(self._next_batch)
-        if was_active:
-            log.info(
-                "destination_state",
-                **self._labels,
-                from_state="active",
-                to_state="paused",
-                reason=cmd.reason,
-                graceful=cmd.graceful,
-            )
-        cmd.done.set()
-
-    def _drain_in_flight(self) -> None:
-        """Wait for every batch in flight, then commit what they made committable."""
-        deadline = time.monotonic() + self.spec.write_deadline
-        while self._tracker.in_flight() and time.monotonic() < deadline:
-            self._settle_outcomes(block=True, timeout=0.1)
-        self._settle_outcomes(block=False)
-        self._flush_commits()
-
-    def _flush_commits(self) -> None:
-        """Commit synchronously the newest committable offsets (async commits may be queued)."""
-        if self._committable:
-            self._commit(dict(self._committable), asynchronous=False)
+        if not cmd.graceful:
+            self._batcher.drop()
+            self._drop_held()
+            self._transition(State.PAUSED, cmd.reason, graceful=False)
+            cmd.done.set()
+            return
+        self._submit(self._batcher.take())
+        self._draining = cmd
+        self._drain_deadline = time.monotonic() + self.spec.write_deadline
+        self._transition(State.DRAINING, cmd.reason)
 
     # --- offsets ------------------------------------------------------------------------
 
     def _commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
-        self._committable.update(offsets)
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self._assigned]
-        if not tps:
-            return
+        mine = {tp: o for tp, o in offsets.items() if tp in self._assigned}
+        self._committable.update(mine)
         try:
-            if asynchronous:
-                self._consumer.commit(offsets=tps, asynchronous=True)
-            else:
-                self._consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:
+            self._source.commit(mine, asynchronous)
+        except SourceError as exc:
             log.warning("commit_failed", **self._labels, error=str(exc))
 
-    def _start_offsets(self, tps: Sequence[TopicPart], mode: StartFrom) -> dict[TopicPart, int]:
-        """Where each partition starts: own commit, or the max over the route's groups."""
-        own = self._admin.committed(self.spec.group, tps)
-        if mode is StartFrom.OWN:
-            start = dict(own)
-        else:
-            start = {tp: NO_OFFSET for tp in tps}
-            for group in self.spec.peer_groups:
-                theirs = own if group == self.spec.group else self._admin.committed(group, tps)
-                for tp in tps:
-                    start[tp] = max(start[tp], theirs.get(tp, NO_OFFSET))
-        marks = self._admin.watermarks(tps)
-        moved_to: dict[TopicPart, int] = {}  # committed now, so a gap is recorded once
-        for tp in tps:
-            wm = marks[tp]
-            s = start.get(tp, NO_OFFSET)
-            if s < 0:
-                # Never committed anywhere: the whole retained log. Committed at once, so
-                # that data deleted before we write it is counted as lost, not unnoticed.
-                s = wm.low
-                moved_to[tp] = s
-            elif s < wm.low:
-                self._record_retention_gap(tp, s, wm.low)
-                s = wm.low
-                moved_to[tp] = s
-            s = min(s, wm.high)
-            if mode is StartFrom.SKIP:
-                mine = own.get(tp, NO_OFFSET)
-                base = mine if mine >= 0 else wm.low
-                if s > base:
-                    self._metrics.skipped.labels(**self._labels, topic=tp[0]).inc(s - base)
-                    log.warning(
-                        "skipped_range",
-                        **self._labels,
-                        topic=tp[0],
-                        partition=tp[1],
-                        first=base,
-                        next=s,
-                        count=s - base,
-                    )
-                    moved_to[tp] = s
-            start[tp] = s
-        if moved_to:  # a skip or a retention gap is recorded as this group's progress
-            self._commit(moved_to, asynchronous=False)
-        return start
+    def _commit_sync(self) -> None:
+        """Commit synchronously the newest committable offsets (async commits may be queued)."""
+        if self._committable:
+            self._commit(dict(self._committable), asynchronous=False)
 
-    def _resume(self, mode: StartFrom) -> None:
-        tps = sorted(self._assigned)
-        if not tps:
-            return
-        try:
-            starts = self._start_offsets(tps, mode)
-            for tp in tps:
-                self._consumer.seek(TopicPartition(tp[0], tp[1], starts[tp]))
-            self._consumer.resume([TopicPartition(t, p) for t, p in tps])
-        except (SourceError, KafkaException) as exc:
-            # e.g. a seek before the partition's fetcher has its first offset (_STATE): retry
-            log.warning("start_offsets_failed", **self._labels, error=str(exc))
-            self._enter_cooldown()
-            return
-        self._live = set(tps)
+    def _plan(self, tps: Sequence[TopicPart], mode: StartFrom) -> StartPlan:
+        """Read the commits and watermarks, then decide (``start_offsets``) and record."""
+        own = self._admin.committed(self.spec.group, tps)
+        peers = [
+            self._admin.committed(g, tps)
+            for g in self.spec.peer_groups
+            if g != self.spec.group and mode is not StartFrom.OWN
+        ]
+        plan = start_offsets(mode.value, own, peers, self._admin.watermarks(tps))
+        for (t, p), (first, nxt) in plan.gaps.items():
+            lost = nxt - first
+            self._metrics.retention_lost.labels(**self._labels, topic=t).inc(lost)
+            log.error(
+                "retention_gap",
+                **self._labels,
+                topic=t,
+                partition=p,
+                committed=first,
+                earliest=nxt,
+                lost=lost,
+            )
+        for (t, p), (first, nxt) in plan.skips.items():
+            self._metrics.skipped.labels(**self._labels, topic=t).inc(nxt - first)
+            log.warning(
+                "skipped_range",
+                **self._labels,
+                topic=t,
+                partition=p,
+                first=first,
+                next=nxt,
+                count=nxt - first,
+            )
+        if plan.record:  # a skip or a retention gap is recorded as this group's progress
+            self._commit(plan.record, asynchronous=False)
         if mode is StartFrom.SKIP:
             self._start_mode = StartFrom.OWN  # skipped once; later rewinds use our commits
-        log.info(
-            "destination_state",
-            **self._labels,
-            from_state="paused",
-            to_state="active",
-            reason=f"start from {mode.value}",
-            starts={f"{t}[{p}]": o for (t, p), o in starts.items()},
-        )
-        self._publish_partition_gauges()
+        return plan
+
+    def _resume(self, reason: str) -> None:
+        """Start every assigned partition from its computed offset; whatever was in flight
+        from before is forgotten (it is read again if it did not commit)."""
+        self._reset_tracking()
+        tps = sorted(self._assigned)
+        if tps:
+            try:
+                plan = self._plan(tps, self._start_mode)
+                self._source.start(plan.starts)
+            except SourceError as exc:
+                # e.g. a seek before the partition's fetcher has its first offset: retry
+                self._enter_backoff(f"start offsets: {exc}")
+                return
+            self._live = set(tps)
+            self._next = dict(plan.starts)
+            self._throttled = False
+            starts = {f"{t}[{p}]": o for (t, p), o in plan.starts.items()}
+            self._transition(State.ACTIVE, reason, starts=starts)
+        else:
+            self._transition(State.ACTIVE, f"{reason}; no partition assigned yet")
+
+    def _enter_backoff(self, reason: str) -> None:
+        self._failures += 1
+        delay = backoff_delay(self._failures)
+        self._retry_at = time.monotonic() + delay
+        self._halt()
+        self._transition(State.BACKOFF, reason, retry_in=round(delay, 2))
 
     def _pause_all(self) -> None:
-        if self._assigned:
-            self._consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+        try:
+            self._source.pause(sorted(self._assigned))
+        except SourceError as exc:
+            log.warning("pause_failed", **self._labels, error=str(exc))
         self._live = set()
-        self._publish_partition_gauges()
+        self._throttled = False
 
-    def _publish_partition_gauges(self) -> None:
-        self._metrics.assigned_partitions.labels(**self._labels).set(len(self._assigned))
-        self._metrics.paused_partitions.labels(**self._labels).set(
-            len(self._assigned) - len(self._live)
-        )
+    # --- rebalance callbacks (run inside poll(), on the consumer thread) ------------------
 
-    # --- rebalance callbacks (run inside consume(), on the consumer thread) ---------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        tps = [(tp.topic, tp.partition) for tp in partitions]
-        self._assigned = set(tps)
-        active = self._want_active and self._cooldown_until is None and not self._stopped_reason
-        if active and tps:
+    def _on_assign(self, tps: list[TopicPart]) -> Mapping[TopicPart, int]:
+        """Partitions added to this destination (all of them after an eager rebalance, some
+        when the route's membership grants more). Returns where the new ones start; an
+        active destination starts them at once (TAKEOVER offsets for a standby, its own
+        commits for a primary), an inactive one keeps them paused."""
+        new = [tp for tp in tps if tp not in self._assigned]
+        self._assigned.update(new)
+        starts: dict[TopicPart, int] = {}
+        if new and self._want_active and self._state in (*READING, State.PAUSED, State.STARTING):
             try:
-                starts = self._start_offsets(tps, self._start_mode)
+                if self._state in READING:
+                    starts = self._plan(new, self._start_mode).starts
+                else:  # wanted but idle (a drain ended by a rebalance): start everything
+                    self._reset_tracking()
+                    plan = self._plan(sorted(self._assigned), self._start_mode).starts
+                    self._source.start({tp: o for tp, o in plan.items() if tp not in new})
+                    starts = {tp: o for tp, o in plan.items() if tp in new}
+                    self._live = set(plan) - set(new)
+                    self._next = {tp: o for tp, o in plan.items() if tp not in new}
+                    self._transition(State.ACTIVE, "partitions assigned while wanted")
             except SourceError as exc:
                 log.warning("start_offsets_failed", **self._labels, error=str(exc))
-                self._cooldown_until = time.monotonic() + 1.0
-                active = False
-            else:
-                for tp in partitions:
-                    tp.offset = starts[(tp.topic, tp.partition)]
-                if self._start_mode is StartFrom.SKIP:
-                    self._start_mode = StartFrom.OWN
-        if not active:
-            for tp in partitions:  # explicit, so a paused partition never sits in an error
-                tp.offset = OFFSET_BEGINNING  # state; activation re-assigns its real start
-        consumer.assign(partitions)
-        if active:
-            self._live = set(tps)
-        else:
-            consumer.pause(partitions)  # paused stays paused across a rebalance
-            self._live = set()
+                self._enter_backoff(f"start offsets: {exc}")
+                starts = {}
+        self._live.update(starts)
+        self._next.update(starts)
         log.info(
             "partitions_assigned",
             **self._labels,
-            partitions=len(tps),
-            paused=0 if active else len(tps),
+            added=len(new),
+            partitions=len(self._assigned),
+            started=len(starts),
         )
-        self._publish_partition_gauges()
+        self._publish()
+        return starts
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Finish what is in flight and commit it before the partitions move elsewhere.
-        self._batch = _Batch(self._next_batch)
-        self._drain_in_flight()
-        self._tracker = OffsetTracker()
-        self._committable = {}
-        self._assigned = set()
-        self._live = set()
-        self._publish_partition_gauges()
+    def _on_revoke(self, tps: list[TopicPart]) -> None:
+        """Bounded: wait up to REBALANCE_WAIT for the in-flight writes of the revoked
+        partitions, commit what landed, abandon the rest uncommitted (the new owner reads it
+        again). Partitions this destination keeps go on; if an abandoned batch also held some
+        of theirs, they restart from their commits."""
+        revoked = set(tps) & self._assigned
+        if self._state in READING:
+            self._submit(self._batcher.take())  # it may hold messages of partitions we keep
+        else:
+            self._batcher.drop()
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._batch = _Batch(self._next_batch)
-        self._tracker = OffsetTracker()
-        self._committable = {}
-        self._assigned = set()
-        self._live = set()
-        self._publish_partition_gauges()
+        def pending() -> list[Batch]:
+            return [b for b in self._unsettled.values() if revoked & set(b.last)]
+
+        deadline = time.monotonic() + min(REBALANCE_WAIT, self.spec.write_deadline)
+        while pending() and time.monotonic() < deadline and self._state is not State.BACKOFF:
+            self._settle(self._writers.get(0.05))
+            if all(b.batch_id in self._held for b in pending()):
+                break  # held for their dead letters: they will not land in time
+        self._commit_sync()
+        abandoned = pending()
+        if abandoned:
+            log.warning("revoke_abandoned", **self._labels, batches=len(abandoned))
+        self._release(revoked, restart=bool(abandoned))
+
+    def _on_lost(self, tps: list[TopicPart]) -> None:
+        """Partitions taken away without a revoke (session timeout): nothing is committed."""
+        self._release(set(tps) & self._assigned, restart=True)
+
+    def _release(self, gone: set[TopicPart], *, restart: bool) -> None:
+        """Forget ``gone``. With ``restart`` every batch in flight is abandoned and the
+        partitions kept restart from their commits (a batch may span several partitions)."""
+        kept = sorted(self._live - gone)
+        self._assigned -= gone
+        self._live -= gone
+        for tp in gone:
+            self._next.pop(tp, None)
+            self._committable.pop(tp, None)
+        if restart or not self._assigned:
+            self._reset_tracking()
+            if kept and self._state in READING:
+                self._restart(kept)
+        else:
+            self._tracker.drop(gone)
+        if self._draining is not None and not self._assigned:  # nothing left to drain here
+            cmd, self._draining = self._draining, None
+            self._transition(State.PAUSED, cmd.reason, graceful=True)
+            cmd.done.set()
+        self._publish()
+
+    def _restart(self, tps: list[TopicPart]) -> None:
+        """Start ``tps`` (already assigned) again from their computed offsets."""
+        try:
+            starts = self._plan(tps, self._start_mode).starts
+            self._source.start(starts)
+        except SourceError as exc:
+            self._enter_backoff(f"restart after a rebalance: {exc}")
+            return
+        self._live.update(starts)
+        self._next.update(starts)
 
     # --- end ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         self._pause_all()
-        if self._graceful_stop:
-            self._submit()
-            self._drain_in_flight()
-        self._consumer.close()  # leaves the group
-        self._sink.close()
+        if self._graceful_stop and self._state in (*READING, State.DRAINING):
+            self._submit(self._batcher.take())
+            deadline = time.monotonic() + self.spec.write_deadline
+            while self._unsettled and time.monotonic() < deadline:
+                self._settle(self._writers.get(0.1))
+                if self._state is State.BACKOFF or (
+                    self._held and len(self._held) == len(self._unsettled)
+                ):
+                    break  # nothing more will land: leave it uncommitted
+            self._commit_sync()
+        self._source.close()
 
     def _snapshot(self) -> DestinationStatus:
-        if self._stopped_reason:
-            state = "stopped"
-        elif self._cooldown_until is not None:
-            state = "cooldown"
-        elif self._live:
-            state = "active"
-        else:
-            state = "active" if self._want_active and not self._assigned else "paused"
+        oldest = min((b.submitted for b in self._unsettled.values()), default=0.0)
         return DestinationStatus(
             route=self.spec.route,
             cluster=self.spec.cluster,
             group=self.spec.group,
-            state=state,
+            state=self._state.value,
             assigned=tuple(sorted(self._assigned)),
             paused=tuple(sorted(self._assigned - self._live)),
-            in_flight=self._tracker.in_flight(),
-            buffered=len(self._batch.values),
-            error=self._stopped_reason,
+            in_flight=len(self._unsettled),
+            buffered=len(self._batcher.current.values),
+            error=self._error or (self._reason if self._state is State.BLOCKED else ""),
+            reason=self._reason,
+            since=self._since,
+            oldest_unsettled=oldest,  # monotonic; ``status`` turns it into an age
+            write_deadline=self.spec.write_deadline,
         )

@@ -1,21 +1,25 @@
-"""The router: destinations per (route, cluster), a control loop that applies the policy, and
-live topology reloads.
+"""The router: builds its parts, wires them and runs their life cycle.
 
-The control loop gathers the inputs of ``policy.decide`` (health verdicts, drain flags, the
-primary group's lag read from Kafka) every ``TICK`` seconds and carries out its actions on the
-destinations. A graceful deactivation (drain, hand-back) is waited for before the next cluster
-is activated, so that cluster reads the offsets the first one committed last.
+Threads (each part's module says what its thread may touch):
+
+- "control" (``router.control.ControlLoop``): applies the failover policy to every route, with
+  the cluster views this module gives it and the latest lag readings; never waits on I/O;
+- "lag" (``router.lag.LagReader``): the only thread that reads lag and watermarks from Kafka;
+- "reload" (``router.reload.Reloader`` + ``Rebuilder``): watches the topology file and moves
+  routes to new destinations without two consumers of one group at once;
+- one consumer thread and a few writer threads per destination (``router.destination``);
+- the health checker's threads (``health``), which call ``_on_verdict``.
+
+``status`` and ``health`` (what ``/api/status`` and ``/healthz`` serve) are assembled by
+``router.status`` from snapshots: they never wait on a thread that does I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +29,30 @@ from health.checker import ClusterSpec, HealthChecker
 from health.consul import ConsulSettings
 from health.shared import ClusterSource, DiscoverySpec, SharedVerdict, replica_id
 from health.verdict import ClusterState, Verdict, VerdictSource
+from router import status
+from router.control import (
+    ControlLoop,
+    DestinationFactory,
+    DestinationLike,
+    RoutePlan,
+    RouteRuntime,
+)
 from router.destination import Destination, DestinationSpec
-from router.errors import ConfigError, SourceError
+from router.errors import ConfigError
 from router.kafka import DeadLetterProducer, KafkaAdmin
+from router.lag import LagReader
 from router.metrics import Metrics
-from router.offsets import TopicPart
-from router.policy import ClusterView, Deactivate, RouteView, StartFrom, decide
+from router.policy import ClusterView
+from router.reload import Rebuilder, Reloader, groups_in_use, plans_of
 from router.sink import InfluxSink, InfluxTarget
-from router.topology import ClusterConfig, RouteConfig, Topology, load_topology
+from router.topology import ClusterConfig, Topology, load_topology
 
 log = structlog.get_logger("router")
 
-TICK = 0.25
-LAG_EVERY = 2.0
+TICK = 0.25  # seconds between two passes of the control loop (a verdict change wakes it)
+LAG_EVERY = 2.0  # seconds between two full reads of every group's lag
+LAG_TIMEOUT = 5.0  # deadline of one Kafka read of the lag reader
+TICK_TIMEOUT = 15.0  # /healthz fails when the control loop has not ticked for this long
 
 
 def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
@@ -93,26 +108,9 @@ def needs_consul(topology: Topology, consul: ConsulSettings | None) -> None:
         raise ConfigError(errors)
 
 
-def route_view(route: RouteConfig) -> RouteView:
-    return RouteView(
-        name=route.name,
-        mode=route.mode,
-        destinations=route.destinations,
-        skip_missed=route.skip_missed,
-        handback_lag=route.handback_lag,
-    )
-
-
-@dataclass
-class _RouteRuntime:
-    config: RouteConfig
-    fingerprint: str
-    destinations: dict[str, Destination]
-    active: set[str] = field(default_factory=set)
-    partitions: list[TopicPart] = field(default_factory=list)
-    lag: dict[str, int] = field(default_factory=dict)  # cluster -> messages not committed
-    # graceful deactivations under way: cluster -> (done, deadline); the route waits for them
-    waiting: dict[str, tuple[threading.Event, float]] = field(default_factory=dict)
+def write_deadline(cluster: ClusterConfig) -> float:
+    """How long one batch may take with its retries (bisection of a 400 makes more requests)."""
+    return max(60.0, 4 * (cluster.max_retries + 1) * cluster.write_timeout)
 
 
 class Router:
@@ -125,13 +123,19 @@ class Router:
         metrics: Metrics | None = None,
         verdicts: VerdictSource | None = None,
         consul: ConsulSettings | None = None,
+        destinations: DestinationFactory | None = None,
+        tick: float = TICK,
+        lag_interval: float = LAG_EVERY,
+        lag_timeout: float = LAG_TIMEOUT,
+        stall_after: float | None = None,
+        tick_timeout: float = TICK_TIMEOUT,
     ) -> None:
+        """``destinations`` builds a route's destination (default: ``build_destination``);
+        ``stall_after`` overrides the write deadline as the stall threshold (tests)."""
         needs_consul(topology, consul)
-        self.topology = topology
+        self.topology = topology  # replaced (never mutated) by a reload
         self._consul = consul
-        self._path = Path(topology_path) if topology_path else None
         self._datacenter = datacenter
-        self._file_hash = self._hash_file() if self._path else ""
         self.metrics = metrics or Metrics()
         self._kafka_config = topology.kafka.librdkafka_config()
         self._admin = KafkaAdmin(self._kafka_config)
@@ -161,16 +165,38 @@ class Router:
         self.verdicts: VerdictSource = verdicts
         self._seen_leader_changes = 0
         self._seen_consul_errors = 0
-        self.verdicts.subscribe(self._on_verdict)
-        self._routes: dict[str, _RouteRuntime] = {}
         self._misconfigured: dict[str, str] = {}
-        self._mis_lock = threading.Lock()
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
-        self.last_tick = 0.0
-        self.reload_error = ""
+        self._mis_lock = threading.Lock()  # destination threads report under it; never waits
+        self._tick_timeout = tick_timeout
+        self._lag = LagReader(
+            self._admin,
+            interval=lag_interval,
+            fast_interval=tick,
+            read_timeout=lag_timeout,
+        )
+        self._factory = destinations or self.build_destination
+        self._control = ControlLoop(
+            views=self.cluster_views,
+            lag=self._lag,
+            build=self._factory,
+            metrics=self.metrics,
+            tick=tick,
+            lag_max_age=3 * lag_interval + lag_timeout,
+            stall_after=stall_after,
+        )
+        self._rebuilder = Rebuilder(
+            self._control, build=self._build_route, on_change=self._routes_changed
+        )
+        self._reloader = Reloader(
+            path=Path(topology_path) if topology_path else None,
+            load=functools.partial(load_topology, datacenter=datacenter),
+            apply=self._apply_now,
+            rebuilder=self._rebuilder,
+            metrics=self.metrics,
+            interval=tick,
+        )
+        self.verdicts.subscribe(self._on_verdict)
+        self._stopping = threading.Event()
         self.started_at = time.time()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -180,27 +206,29 @@ class Router:
             self.shared.start()  # starts the local checker too
         elif self._own_health is not None:
             self._own_health.start()
-        with self._lock:
-            for route in self.topology.routes:
-                self._routes[route.name] = self._build_route(route)
+        self._rebuilder.plan(plans_of(self.topology), reason="router started")
+        self._rebuilder.advance()  # no old consumers yet: every route starts now
         log.info(
             "router_started",
             datacenter=self.topology.datacenter,
             routes=len(self.topology.routes),
             clusters=len(self.topology.clusters),
         )
-        self._thread.start()
+        self._lag.start()
+        self._control.start()
+        self._reloader.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop fetching, finish in-flight writes, commit, leave the groups."""
+        """Stop deciding, then stop every destination: finish in-flight writes, commit, leave
+        the groups."""
         log.info("router_stopping", reason="stop requested")
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        with self._lock:
-            routes = list(self._routes.values())
-            self._routes = {}
-        self._stop_destinations([d for r in routes for d in r.destinations.values()], timeout)
+        self._stopping.set()
+        self._reloader.stop()
+        self._control.stop()
+        self._lag.stop()
+        routes = self._control.detach_all()
+        dests = [d for rt in routes for d in rt.destinations.values()]
+        self._stop_destinations(dests + self._rebuilder.leaving(), timeout)
         if self.shared is not None:
             self.shared.stop()  # releases the lock, deregisters, stops the local checker
         elif self._own_health is not None:
@@ -208,46 +236,35 @@ class Router:
         self._dlq.close()
         self._admin.close()
 
-    def _stop_destinations(self, dests: list[Destination], timeout: float) -> None:
+    @staticmethod
+    def _stop_destinations(dests: list[DestinationLike], timeout: float) -> None:
         threads = [threading.Thread(target=d.stop, args=(timeout,)) for d in dests]
         for t in threads:
             t.start()
         deadline = time.monotonic() + timeout
         for t in threads:
-            while t.is_alive() and time.monotonic() < deadline:
-                t.join(1.0)
-                self.last_tick = time.time()  # busy stopping, not stalled (/healthz)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # --- building -----------------------------------------------------------------------
 
-    def _fingerprint(self, route: RouteConfig) -> str:
-        """What, if changed, needs the route's destinations rebuilt (drain flags excluded)."""
-        clusters = {
-            c: self.topology.clusters[c].model_dump(exclude={"drain"}) for c in route.destinations
-        }
-        raw = repr((route.model_dump(), clusters, self.topology.kafka.model_dump()))
-        return hashlib.sha256(raw.encode()).hexdigest()
-
-    def _build_route(self, route: RouteConfig) -> _RouteRuntime:
-        dests = {c: self._build_destination(route, c) for c in route.destinations}
-        return _RouteRuntime(route, self._fingerprint(route), dests)
-
-    def _build_destination(self, route: RouteConfig, cluster: str) -> Destination:
-        groups = tuple(self.topology.group_id(route.name, c) for c in route.destinations)
-        cfg = self.topology.clusters[cluster]
+    def build_destination(self, plan: RoutePlan, cluster: str) -> Destination:
+        """The destination of one cluster of a route (not started)."""
+        route = plan.config
+        cfg = plan.clusters[cluster]
         spec = DestinationSpec(
             route=route.name,
             cluster=cluster,
-            group=self.topology.group_id(route.name, cluster),
+            group=plan.groups[cluster],
             topics=route.topics,
-            peer_groups=groups,
+            peer_groups=tuple(plan.groups[c] for c in route.destinations),
             max_points=route.batch.max_points,
             max_bytes=route.batch.max_bytes,
             linger=route.batch.linger,
             max_in_flight=route.batch.max_in_flight,
-            # one batch with retries; bisection of a 400 makes more requests: be generous
-            write_deadline=max(60.0, 4 * (cfg.max_retries + 1) * cfg.write_timeout),
+            write_deadline=write_deadline(cfg),
             graphite_templates=route.graphite_templates if route.format == "graphite" else (),
+            stamp_missing=route.stamp_missing_timestamps,
+            precision="ns" if route.format == "graphite" else cfg.precision,
         )
         target = influx_target(cluster, cfg)
         if route.format == "graphite":  # converted lines carry nanosecond timestamps
@@ -257,7 +274,7 @@ class Router:
             nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
             on_node_result=functools.partial(self.verdicts.report_write, cluster),
         )
-        dest = Destination(
+        return Destination(
             spec,
             kafka_config=self._kafka_config,
             sink=sink,
@@ -266,31 +283,52 @@ class Router:
             metrics=self.metrics,
             on_misconfigured=self._on_misconfigured,
         )
-        dest.start()
-        return dest
 
-    # --- control loop -------------------------------------------------------------------
+    def _build_route(self, plan: RoutePlan) -> RouteRuntime:
+        dests = {c: self._factory(plan, c) for c in plan.config.destinations}
+        for dest in dests.values():
+            dest.start()
+        return RouteRuntime(plan, dests)
+
+    def _routes_changed(self) -> None:
+        """The routes run or the groups in use changed: read the lag of the running routes,
+        close the offset readers of groups gone."""
+        plans = self._control.plans()
+        self._lag.watch(p.watch() for p in plans.values())
+        closed = self._admin.retain(groups_in_use(plans, self._rebuilder))
+        if closed:
+            log.info("offset_readers_closed", groups=",".join(closed))
+
+    # --- cluster views (control thread) -------------------------------------------------
 
     def _on_verdict(self, old: Verdict, new: Verdict) -> None:
-        self._wake.set()
+        self._control.wake()
 
     def _on_misconfigured(self, cluster: str, why: str) -> None:
         # Called from a destination thread, maybe while the engine waits for it: own lock.
         with self._mis_lock:
             self._misconfigured[cluster] = why
-        self._wake.set()
+        self._control.wake()
 
     def _drained(self, name: str) -> bool:
         """The topology's flag OR the Consul KV override: either one drains."""
         kv = self.shared is not None and self.shared.drained(name)
-        return self.topology.clusters[name].drain or kv
+        cfg = self.topology.clusters.get(name)
+        return (cfg is not None and cfg.drain) or kv
 
-    def _views(self) -> dict[str, ClusterView]:
+    def cluster_views(self) -> dict[str, ClusterView] | None:
+        """What every cluster looks like to the policy now; None while Consul discovery has
+        not answered yet (no decision on empty node lists)."""
+        if self.shared is not None and not self.shared.ready():
+            return None
         views = {}
         with self._mis_lock:
             misconfigured = dict(self._misconfigured)
         for name in self.topology.clusters:
-            v = self.verdicts.verdict(name)
+            try:
+                v = self.verdicts.verdict(name)
+            except KeyError:  # removed by a reload a moment ago; no running route names it
+                continue
             healthy = v.state is ClusterState.UP and name not in misconfigured
             reason = misconfigured.get(name, v.reason)
             drained = self._drained(name)
@@ -312,244 +350,79 @@ class Router:
         m.consul_errors.inc(shared.consul_errors - self._seen_consul_errors)
         self._seen_consul_errors = shared.consul_errors
 
-    def _loop(self) -> None:
-        last_lag = 0.0
-        while not self._stop.is_set():
-            self._wake.wait(TICK)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            self._maybe_reload()
-            now = time.monotonic()
-            poll_lag = now - last_lag >= LAG_EVERY
-            if self.shared is not None and not self.shared.ready():
-                self.last_tick = time.time()
-                continue  # discovery has not answered yet: no decision on empty node lists
-            with self._lock:
-                views = self._views()
-                for rt in list(self._routes.values()):
-                    try:
-                        if poll_lag:
-                            self._refresh_lag(rt, rt.config.destinations)
-                        elif self._replaying(rt):  # only the hand-back needs it this often
-                            self._refresh_lag(rt, rt.config.destinations[:1])
-                        self._step(rt, views)
-                    except SourceError as exc:
-                        log.warning("control_error", route=rt.config.name, error=str(exc))
-            if poll_lag:
-                last_lag = now
-            self.last_tick = time.time()
-
-    def _replaying(self, rt: _RouteRuntime) -> bool:
-        """A returning primary replays next to a standby: its lag decides the hand-back."""
-        return rt.config.mode == "failover" and len(rt.active) > 1
-
-    def _refresh_lag(self, rt: _RouteRuntime, clusters: tuple[str, ...]) -> None:
-        rt.partitions = self._admin.partitions(rt.config.topics)
-        for cluster in clusters:
-            group = self.topology.group_id(rt.config.name, cluster)
-            lag = self._admin.lag(group, rt.partitions)
-            rt.lag[cluster] = sum(lag.values())
-            per_topic: dict[str, int] = {}
-            for (topic, _p), n in lag.items():
-                per_topic[topic] = per_topic.get(topic, 0) + n
-            for topic, n in per_topic.items():
-                self.metrics.consumer_lag.labels(
-                    route=rt.config.name, cluster=cluster, topic=topic
-                ).set(n)
-
-    def _rebuild_crashed(self, rt: _RouteRuntime) -> None:
-        for cluster, dest in list(rt.destinations.items()):
-            if dest.crashed:
-                log.error(
-                    "destination_rebuilt",
-                    route=rt.config.name,
-                    cluster=cluster,
-                    reason=f"consumer thread ended: {dest.crashed}",
-                )
-                rt.destinations[cluster] = self._build_destination(rt.config, cluster)
-                rt.active.discard(cluster)  # the policy activates it again if it should be
-                rt.waiting.pop(cluster, None)
-
-    def _step(self, rt: _RouteRuntime, views: Mapping[str, ClusterView]) -> None:
-        self._rebuild_crashed(rt)
-        now = time.monotonic()
-        for cluster, (done, deadline) in list(rt.waiting.items()):
-            if done.is_set() or now >= deadline:
-                del rt.waiting[cluster]
-        if rt.waiting:
-            return  # a graceful handoff is flushing: the next cluster reads its commits after
-        route = route_view(rt.config)
-        actions = decide(route, views, frozenset(rt.active), rt.lag.get(route.primary))
-        for action in actions:
-            dest = rt.destinations[action.cluster]
-            if isinstance(action, Deactivate):
-                serving_before = set(rt.active)
-                done = dest.deactivate(action.graceful, action.reason)
-                rt.active.discard(action.cluster)
-                if action.graceful:
-                    rt.waiting[action.cluster] = (done, now + dest.spec.write_deadline)
-                if action.cluster != route.primary and route.primary in serving_before:
-                    log.warning(
-                        "handback",
-                        route=route.name,
-                        from_cluster=action.cluster,
-                        to_cluster=route.primary,
-                        reason=action.reason,
-                    )
-                continue
-            if rt.waiting:
-                return  # activate on a later tick, once the graceful deactivation is done
-            if action.start is StartFrom.TAKEOVER:
-                from_cluster = next(
-                    (
-                        c
-                        for c in route.destinations
-                        if c != action.cluster and not views.get(c, ClusterView(False)).usable
-                    ),
-                    route.primary,
-                )
-                self.metrics.failovers.labels(route=route.name, cluster=action.cluster).inc()
-                log.warning(
-                    "failover",
-                    route=route.name,
-                    from_cluster=from_cluster,
-                    to_cluster=action.cluster,
-                    reason=action.reason,
-                )
-            dest.activate(action.start)
-            rt.active.add(action.cluster)
-
-    # --- topology reload ----------------------------------------------------------------
-
-    def _hash_file(self) -> str:
-        assert self._path is not None
-        try:
-            return hashlib.sha256(self._path.read_bytes()).hexdigest()
-        except OSError:
-            return ""
-
-    def _maybe_reload(self) -> None:
-        if self._path is None:
-            return
-        digest = self._hash_file()
-        if not digest or digest == self._file_hash:
-            return
-        self._file_hash = digest
-        try:
-            new = load_topology(self._path, datacenter=self._datacenter)
-            needs_consul(new, self._consul)
-        except ConfigError as exc:
-            self.reload_error = "; ".join(exc.errors)
-            self.metrics.topology_reloads.labels(outcome="rejected").inc()
-            self.metrics.topology_valid.set(0)
-            log.error(
-                "topology_rejected",
-                path=str(self._path),
-                errors=exc.errors,
-                reason="invalid topology; still running on the last good one",
-            )
-            return
-        self.reload_error = ""
-        self.metrics.topology_valid.set(1)
-        self.metrics.topology_reloads.labels(outcome="applied").inc()
-        self.apply(new)
+    # --- topology reload (reload thread) ------------------------------------------------
 
     def apply(self, new: Topology) -> None:
-        """Move to a new valid topology without a restart."""
-        with self._lock:
-            old = self.topology
-            changed_clusters = {
-                n
-                for n, c in new.clusters.items()
-                if n not in old.clusters
-                or old.clusters[n].model_dump(exclude={"drain"}) != c.model_dump(exclude={"drain"})
-            }
-            with self._mis_lock:
-                for n in changed_clusters:
-                    self._misconfigured.pop(n, None)
-            self.topology = new
-            if self.shared is not None:
-                self.shared.set_sources(cluster_sources(new))
-            elif self._own_health is not None:
-                self._own_health.update(health_specs(new))
-            wanted = {r.name: r for r in new.routes}
-            stale = []
-            for name, rt in list(self._routes.items()):
-                if name not in wanted or self._fingerprint(wanted[name]) != rt.fingerprint:
-                    stale.append(rt)
-                    del self._routes[name]
-            self._stop_destinations([d for rt in stale for d in rt.destinations.values()], 60.0)
-            for name, route in wanted.items():
-                if name not in self._routes:
-                    self._routes[name] = self._build_route(route)
-            drains = sorted(n for n, c in new.clusters.items() if c.drain)
-            log.info(
-                "topology_reloaded",
-                routes=len(new.routes),
-                rebuilt=len(stale),
-                drained=",".join(drains) or "none",
-            )
-        self._wake.set()
+        """Move to a new valid topology without a restart (carried out on the reload thread;
+        this returns at once)."""
+        self._reloader.submit(new)
 
-    # --- observation --------------------------------------------------------------------
+    def _apply_now(self, new: Topology) -> None:
+        old = self.topology
+        changed_clusters = {
+            n
+            for n, c in new.clusters.items()
+            if n not in old.clusters
+            or old.clusters[n].model_dump(exclude={"drain"}) != c.model_dump(exclude={"drain"})
+        }
+        # Stale routes leave the control loop first: no route it still runs ever meets a
+        # cluster the new topology lacks. New ones start in advance(), after the swap below.
+        rebuilt = self._rebuilder.plan(plans_of(new), reason="topology changed")
+        with self._mis_lock:
+            for n in changed_clusters:
+                self._misconfigured.pop(n, None)
+        if self.shared is not None:
+            self.shared.set_sources(cluster_sources(new))
+        elif self._own_health is not None:
+            self._own_health.update(health_specs(new))
+        self.topology = new
+        drains = sorted(n for n, c in new.clusters.items() if c.drain)
+        log.info(
+            "topology_reloaded",
+            routes=len(new.routes),
+            rebuilt=len(rebuilt),
+            drained=",".join(drains) or "none",
+        )
+        self._control.wake()
+
+    # --- observation (HTTP threads) -----------------------------------------------------
+
+    @property
+    def reload_error(self) -> str:
+        return self._reloader.error
+
+    @property
+    def last_tick(self) -> float:
+        return self._control.last_tick
 
     def ready(self) -> bool:
         discovered = self.shared is None or self.shared.ready()
-        return self.last_tick > 0 and discovered and not self._stop.is_set()
+        return self.last_tick > 0 and discovered and not self._stopping.is_set()
 
-    def alive(self) -> bool:
-        return self.last_tick == 0 or time.time() - self.last_tick < 15
+    def _routes(self) -> list[status.RouteSnapshot]:
+        return status.ordered(self.topology, self._control.snapshots(), self._rebuilder.snapshots())
+
+    def _problems(self, routes: list[status.RouteSnapshot]) -> list[str]:
+        if self._stopping.is_set():
+            return []  # stopping on purpose: the loop ends, destinations flush
+        last = self.last_tick
+        return status.health_problems(
+            routes,
+            loop_alive=self._control.running,
+            tick_age=time.time() - last if last else None,
+            tick_timeout=self._tick_timeout,
+        )
+
+    def health(self) -> tuple[str, list[str]]:
+        """(why /healthz fails, "" when healthy; warnings worth a look although healthy)."""
+        routes = self._routes()
+        return status.one_line(self._problems(routes)), status.health_warnings(routes)
 
     def status(self) -> dict[str, Any]:
+        topology = self.topology
         with self._mis_lock:
             misconfigured = dict(self._misconfigured)
-        with self._lock:
-            clusters = {}
-            for name, cfg in self.topology.clusters.items():
-                v = self.verdicts.verdict(name)
-                clusters[name] = {
-                    "state": v.state.value,
-                    "since": v.since,
-                    "reason": misconfigured.get(
-                        name, v.reason if v.state is ClusterState.DOWN else "healthy"
-                    ),
-                    "drain": self._drained(name),
-                    "drain_source": "topology"
-                    if cfg.drain
-                    else ("consul" if self._drained(name) else ""),
-                    "misconfigured": name in misconfigured,
-                    "healthy_nodes": len(self.verdicts.healthy_nodes(name)),
-                    "nodes": len(cfg.urls),
-                }
-            routes = []
-            for rt in self._routes.values():
-                dests = []
-                for cluster, dest in rt.destinations.items():
-                    st = dest.status
-                    dests.append(
-                        {
-                            "cluster": cluster,
-                            "group": st.group,
-                            "active": cluster in rt.active,
-                            "state": st.state,
-                            "lag": rt.lag.get(cluster),
-                            "assigned": len(st.assigned),
-                            "paused": len(st.paused),
-                            "in_flight": st.in_flight,
-                            "error": st.error,
-                        }
-                    )
-                routes.append(
-                    {
-                        "name": rt.config.name,
-                        "mode": rt.config.mode,
-                        "topics": list(rt.config.topics),
-                        "primary": rt.config.destinations[0],
-                        "active": sorted(rt.active),
-                        "destinations": dests,
-                    }
-                )
+        routes = self._routes()
         shared = self.shared
         verdict = {
             "source": shared.source if shared is not None else "local",
@@ -558,11 +431,23 @@ class Router:
             "leader": shared.leader if shared is not None else "",
             "is_leader": shared.is_leader if shared is not None else False,
         }
+        last = self.last_tick
+        problems = self._problems(routes)
         return {
-            "datacenter": self.topology.datacenter,
+            "datacenter": topology.datacenter,
             "verdict": verdict,
             "started_at": self.started_at,
             "topology_error": self.reload_error,
-            "clusters": clusters,
-            "routes": routes,
+            "control": {
+                "last_tick": last,
+                "tick_age": round(time.time() - last, 2) if last else None,
+                "lag_read_age": round(time.monotonic() - self._lag.last_pass, 1)
+                if self._lag.last_pass
+                else None,
+            },
+            "healthy": not problems,
+            "problems": problems,
+            "warnings": status.health_warnings(routes),
+            "clusters": status.clusters_json(topology, self.verdicts, self._drained, misconfigured),
+            "routes": [status.route_json(r) for r in routes],
         }

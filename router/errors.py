@@ -4,7 +4,10 @@ py-consul, pydantic, PyYAML) are translated once, at the adapter that calls the 
 
     RouterError
     ├── ConfigError            topology invalid: .errors holds every "key.path: message (line N)"
-    ├── SourceError            Kafka: cannot consume, commit, produce dead letters, read offsets
+    ├── SourceError            Kafka: cannot consume, commit, read offsets
+    │   └── DeadLetterError    dead letters not confirmed stored (topic missing, ACL denied,
+    │                          too large, fatal producer error, no answer in time): .topic,
+    │                          .code (the Kafka error name); the batch must not commit
     ├── ConsulError            Consul unreachable or refused a call (the router falls back to
     │                          its local verdict; never fatal)
     └── SinkError              an InfluxDB write did not succeed
@@ -34,6 +37,20 @@ class ConfigError(RouterError):
 
 class SourceError(RouterError):
     """Kafka did not do what we asked (consume, commit, produce, list offsets)."""
+
+
+class DeadLetterError(SourceError):
+    """Dead letters were not all confirmed stored in ``topic``; their batch must not commit.
+
+    ``code`` is the first Kafka error's name (``UNKNOWN_TOPIC_OR_PART``,
+    ``TOPIC_AUTHORIZATION_FAILED``, ``MSG_SIZE_TOO_LARGE``, ``_FATAL``...) or ``unconfirmed``
+    when no answer came in time. The message names the topic and that error, never a secret.
+    """
+
+    def __init__(self, message: str, *, topic: str = "", code: str = "") -> None:
+        self.topic = topic
+        self.code = code
+        super().__init__(message)
 
 
 class ConsulError(RouterError):

@@ -33,6 +33,16 @@ WATCHED = frozenset(
         "verdict_source",
         "drain_override",
         "nodes_discovered",
+        "destination_stalled",
+        "destination_unstalled",
+        "destination_rebuilt",
+        "destination_rebuild_failed",
+        "handoff_timeout",
+        "route_state",
+        "route_rebuild_stuck",
+        "route_build_failed",
+        "lag_read_failed",
+        "lag_read_recovered",
     }
 )
 

@@ -30,7 +30,9 @@ an exact word beats ``*``, and a longer filter beats its own prefix (``a.b.c`` o
 
 Points: the field is ``value`` unless the template names one; the value is a finite float; the
 timestamp is in seconds (fractions allowed) and written in nanoseconds; a missing timestamp or
-``-1`` means ``now_ns``. Tags are sorted by key. A tag taken from the path wins over an extra tag
+``-1`` means ``default_ns``: the router passes the Kafka message's timestamp, so a re-sent line
+overwrites its point (or the time of conversion when the route's ``stamp_missing_timestamps`` is
+off). Tags are sorted by key. A tag taken from the path wins over an extra tag
 of the same key; a tag with an empty value is left out; an empty measurement falls back to the
 whole path (as InfluxDB does).
 
@@ -277,15 +279,16 @@ class GraphiteConverter:
         """The template that applies to a metric path."""
         return self._root.search(path.split("."), 0) or self._default
 
-    def convert_line(self, line: bytes, now_ns: int) -> bytes:
-        """One graphite line -> one line-protocol line (ns timestamp); GraphiteError if bad."""
+    def convert_line(self, line: bytes, default_ns: int) -> bytes:
+        """One graphite line -> one line-protocol line (ns timestamp; ``default_ns`` when the
+        line has none or -1); GraphiteError if bad."""
         words = line.split()
         if len(words) == 3:
             path, value, timestamp = words
-            ns = _timestamp_ns(timestamp, now_ns)
+            ns = _timestamp_ns(timestamp, default_ns)
         elif len(words) == 2:
             path, value = words
-            ns = now_ns
+            ns = default_ns
         else:
             raise GraphiteError(
                 f"expected '<path> <value> [<timestamp>]', got {len(words)} field(s)"
@@ -295,7 +298,7 @@ class GraphiteConverter:
             prefix = self._prefix(path)
         return b"%b%b %d" % (prefix, _value(value), ns)
 
-    def convert(self, payload: bytes, now_ns: int) -> tuple[bytes, list[tuple[bytes, str]]]:
+    def convert(self, payload: bytes, default_ns: int) -> tuple[bytes, list[tuple[bytes, str]]]:
         """A whole message -> (its good lines as line protocol joined by newlines, [(bad line,
         reason), ...]). Blank lines are ignored; a bad line does not stop the others."""
         good: list[bytes] = []
@@ -304,7 +307,7 @@ class GraphiteConverter:
             if not raw or raw.isspace():
                 continue
             try:
-                good.append(self.convert_line(raw, now_ns))
+                good.append(self.convert_line(raw, default_ns))
             except GraphiteError as exc:
                 bad.append((raw.rstrip(b"\r"), str(exc)))
         return b"\n".join(good), bad
@@ -353,8 +356,9 @@ def _value(token: bytes) -> bytes:
     return repr(value).encode()
 
 
-def _timestamp_ns(token: bytes, now_ns: int) -> int:
-    """Unix seconds (fractions kept exactly, to the nanosecond) -> nanoseconds; -1 is now."""
+def _timestamp_ns(token: bytes, default_ns: int) -> int:
+    """Unix seconds (fractions kept exactly, to the nanosecond) -> nanoseconds; -1 is
+    ``default_ns``."""
     seconds: int | Decimal
     if b"_" in token:
         raise GraphiteError(f"timestamp {_show(token)} is not a number")
@@ -368,7 +372,7 @@ def _timestamp_ns(token: bytes, now_ns: int) -> int:
         if not seconds.is_finite():
             raise GraphiteError(f"timestamp {_show(token)} is not finite") from None
     if seconds == -1:
-        return now_ns
+        return default_ns
     if not _MIN_S <= seconds <= _MAX_S:
         raise GraphiteError(f"timestamp {_show(token)} is out of range (unix seconds expected)")
     return int(seconds * _NS_PER_S)

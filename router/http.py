@@ -1,4 +1,10 @@
-"""The router's HTTP face: /metrics, /healthz, /readyz, /api/status and the status page."""
+"""The router's HTTP face: /metrics, /healthz, /readyz, /api/status and the status page.
+
+``/healthz`` answers 503 with a one-line reason when the router needs a restart (see
+``router.status.health_problems``), else 200 ``ok``, followed by a warning worth a look (a stalled
+destination, a rebuild waiting for an old consumer) if there is one. Every answer is built from
+snapshots: none waits on a thread that talks to Kafka or InfluxDB.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.events import RECENT
 from router.metrics import Metrics
+from router.status import one_line
 
 
 class Observable(Protocol):
     metrics: Metrics
 
     def ready(self) -> bool: ...
-    def alive(self) -> bool: ...
+    def health(self) -> tuple[str, list[str]]: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -71,8 +78,12 @@ class StatusServer:
         if path == "/metrics":
             self._send(req, 200, generate_latest(r.metrics.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            ok = r.alive()
-            self._send(req, 200 if ok else 503, b"ok\n" if ok else b"stalled\n", "text/plain")
+            problem, warnings = r.health()
+            if problem:
+                self._send(req, 503, f"{problem}\n".encode(), "text/plain; charset=utf-8")
+            else:
+                note = f"; {one_line(warnings)}" if warnings else ""
+                self._send(req, 200, f"ok{note}\n".encode(), "text/plain; charset=utf-8")
         elif path == "/readyz":
             ok = r.ready()
             self._send(req, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")

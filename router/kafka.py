@@ -5,11 +5,15 @@ topic discovery and dead letters. confluent-kafka errors become ``SourceError`` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
+import structlog
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -21,36 +25,44 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
-from router.errors import SourceError
-from router.offsets import TopicPart
+from router.errors import DeadLetterError, SourceError
+from router.offsets import NO_OFFSET, TopicPart
+from router.offsets import Marks as Watermarks
 
-NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group never committed this partition
-
+log = structlog.get_logger("router")
 
 _EARLIEST: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 
 
-@dataclass(frozen=True)
-class Watermarks:
-    low: int  # earliest offset still in the log (retention moves it up)
-    high: int  # the offset the next produced message will get
+class _Reader:
+    """A non-subscribing consumer handle of one group; one call at a time (``lock``)."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.lock = threading.Lock()
+        self.closed = False  # set under ``lock`` by KafkaAdmin.retain/close
 
 
 class KafkaAdmin:
-    """Reads any group's committed offsets and the partitions' watermarks."""
+    """Reads any group's committed offsets and the partitions' watermarks.
+
+    Every read takes ``timeout`` (seconds; the default given at construction) as its deadline.
+    Safe to call from several threads. Offset readers are one consumer handle per group, kept
+    until ``retain`` drops the groups that went away (or ``close``).
+    """
 
     def __init__(self, config: Mapping[str, str], timeout: float = 10.0) -> None:
         self._config = dict(config)
         self._admin = AdminClient(dict(config))
         self._timeout = timeout
-        self._readers: dict[str, tuple[Consumer, threading.Lock]] = {}
+        self._readers: dict[str, _Reader] = {}
         self._readers_lock = threading.Lock()
 
-    def partitions(self, topics: Iterable[str]) -> list[TopicPart]:
+    def partitions(self, topics: Iterable[str], *, timeout: float | None = None) -> list[TopicPart]:
         """Every partition of the named topics; a name starting with ``^`` is a regex."""
         try:
-            md = self._admin.list_topics(timeout=self._timeout)
+            md = self._admin.list_topics(timeout=self._timeout if timeout is None else timeout)
         except KafkaException as exc:
             raise SourceError(f"cannot list topics: {exc}") from exc
         wanted = list(topics)
@@ -63,7 +75,9 @@ class KafkaAdmin:
                 names.add(pattern)
         return sorted((t, p) for t in names for p in md.topics[t].partitions)
 
-    def committed(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]:
+    def committed(
+        self, group: str, tps: Iterable[TopicPart], *, timeout: float | None = None
+    ) -> dict[TopicPart, int]:
         """The group's committed offset per partition (NO_OFFSET where it has none).
 
         Read with a consumer handle of that group that never subscribes (so it never joins),
@@ -74,10 +88,15 @@ class KafkaAdmin:
         req = [TopicPartition(t, p) for t, p in tps]
         if not req:
             return {}
-        reader, lock = self._reader(group)
+        wait = self._timeout if timeout is None else timeout
         try:
-            with lock:
-                result = reader.committed(req, timeout=self._timeout)
+            while True:
+                reader = self._reader(group)
+                with reader.lock:
+                    if reader.closed:  # retain() dropped it meanwhile: take a fresh handle
+                        continue
+                    result = reader.consumer.committed(req, timeout=wait)
+                    break
         except KafkaException as exc:
             raise SourceError(f"cannot read committed offsets of {group}: {exc!r}") from exc
         out: dict[TopicPart, int] = {}
@@ -89,62 +108,147 @@ class KafkaAdmin:
             out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else NO_OFFSET
         return out
 
-    def _reader(self, group: str) -> tuple[Consumer, threading.Lock]:
+    def _reader(self, group: str) -> _Reader:
         with self._readers_lock:
             entry = self._readers.get(group)
             if entry is None:
                 consumer = Consumer(
                     {**self._config, "group.id": group, "enable.auto.commit": "false"}
                 )
-                entry = (consumer, threading.Lock())
+                entry = _Reader(consumer)
                 self._readers[group] = entry
             return entry
+
+    @property
+    def reader_groups(self) -> frozenset[str]:
+        """The groups that have an open offset-reader handle."""
+        with self._readers_lock:
+            return frozenset(self._readers)
+
+    def retain(self, groups: Iterable[str]) -> list[str]:
+        """Close the offset-reader handles of every group not in ``groups`` (routes removed, or
+        rebuilt with other clusters); returns the groups whose handle was closed. A closed
+        group's handle is opened again if it is read later."""
+        keep = set(groups)
+        with self._readers_lock:
+            gone = {g: r for g, r in self._readers.items() if g not in keep}
+            for g in gone:
+                del self._readers[g]
+        for reader in gone.values():
+            self._close_reader(reader)
+        return sorted(gone)
+
+    @staticmethod
+    def _close_reader(reader: _Reader) -> None:
+        with reader.lock, contextlib.suppress(KafkaException, RuntimeError):
+            reader.closed = True
+            reader.consumer.close()
 
     def close(self) -> None:
         with self._readers_lock:
             readers = list(self._readers.values())
             self._readers = {}
-        for consumer, lock in readers:
-            with lock, contextlib.suppress(KafkaException, RuntimeError):
-                consumer.close()
+        for reader in readers:
+            self._close_reader(reader)
 
-    def watermarks(self, tps: Iterable[TopicPart]) -> dict[TopicPart, Watermarks]:
-        """Low and high watermark per partition."""
+    def watermarks(
+        self, tps: Iterable[TopicPart], *, timeout: float | None = None
+    ) -> dict[TopicPart, Watermarks]:
+        """Low and high watermark per partition.
+
+        librdkafka's ListOffsets goes to the leader its metadata cache names and does not
+        refresh that cache when the leader answers that its epoch is stale (seen after a broker
+        was frozen): then the metadata is read once and the request made once more.
+        """
         parts = [TopicPartition(t, p) for t, p in tps]
         if not parts:
             return {}
+        wait = self._timeout if timeout is None else timeout
         try:
-            lows = self._admin.list_offsets(
-                {tp: _EARLIEST for tp in parts}, request_timeout=self._timeout
-            )
-            highs = self._admin.list_offsets(
-                {tp: _LATEST for tp in parts}, request_timeout=self._timeout
-            )
-            return {
-                (tp.topic, tp.partition): Watermarks(
-                    lows[tp].result(timeout=self._timeout).offset,
-                    highs[tp].result(timeout=self._timeout).offset,
-                )
-                for tp in parts
-            }
+            try:
+                return self._list_offsets(parts, wait)
+            except KafkaException as exc:
+                if not _stale_leader(exc):
+                    raise
+                self._admin.list_topics(timeout=wait)  # refreshes leaders and their epochs
+                return self._list_offsets(parts, wait)
         except (KafkaException, TimeoutError) as exc:
             raise SourceError(f"cannot list offsets: {exc!r}") from exc
 
-    def lag(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]:
+    def _list_offsets(
+        self, parts: list[TopicPartition], wait: float
+    ) -> dict[TopicPart, Watermarks]:
+        lows = self._admin.list_offsets({tp: _EARLIEST for tp in parts}, request_timeout=wait)
+        highs = self._admin.list_offsets({tp: _LATEST for tp in parts}, request_timeout=wait)
+        return {
+            (tp.topic, tp.partition): Watermarks(
+                lows[tp].result(timeout=wait).offset,
+                highs[tp].result(timeout=wait).offset,
+            )
+            for tp in parts
+        }
+
+    def lag(
+        self, group: str, tps: Iterable[TopicPart], *, timeout: float | None = None
+    ) -> dict[TopicPart, int]:
         """Messages the group has not committed yet, per partition (never negative).
 
         A partition the group never committed counts from the low watermark.
         """
         parts = list(tps)
-        marks = self.watermarks(parts)
-        committed = self.committed(group, parts)
-        out = {}
-        for tp in parts:
-            wm = marks[tp]
-            pos = committed.get(tp, NO_OFFSET)
-            start = wm.low if pos < 0 else max(pos, wm.low)
-            out[tp] = max(0, wm.high - start)
-        return out
+        marks = self.watermarks(parts, timeout=timeout)
+        return lag_of(self.committed(group, parts, timeout=timeout), marks)
+
+
+_STALE_LEADER = frozenset(
+    {
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+    }
+)
+
+
+def _stale_leader(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and err.code() in _STALE_LEADER
+
+
+def lag_of(
+    committed: Mapping[TopicPart, int], marks: Mapping[TopicPart, Watermarks]
+) -> dict[TopicPart, int]:
+    """Messages not committed yet per partition of ``marks`` (never negative); a partition
+    never committed (or committed below the low watermark) counts from the low watermark."""
+    out = {}
+    for tp, wm in marks.items():
+        pos = committed.get(tp, NO_OFFSET)
+        start = wm.low if pos < 0 else max(pos, wm.low)
+        out[tp] = max(0, wm.high - start)
+    return out
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
+HEADER_ROOM = 1024  # record and batch framing that librdkafka's size check does not count
+REASON_MAX_BYTES = 4096  # InfluxDB quotes the whole refused line in its reason
+DELIVERY_TIMEOUT = 10.0  # seconds librdkafka may take to store one letter (message.timeout.ms)
+_VERDICT_MARGIN = 5.0  # send() waits this much longer, so librdkafka's own verdict comes first
+_POLL_INTERVAL = 0.05  # longest a sender sleeps in poll() before looking at its own letters
+_ELLIPSIS = b"..."
+
+# What an operator should check, by the Kafka error a letter failed with.
+_HINTS = {
+    "_UNKNOWN_TOPIC": "the topic does not exist; create it (the router does not)",
+    "UNKNOWN_TOPIC_OR_PART": "the topic does not exist; create it (the router does not)",
+    "TOPIC_AUTHORIZATION_FAILED": "the router may not write to the topic (ACL)",
+    "CLUSTER_AUTHORIZATION_FAILED": "the router may not use an idempotent producer (ACL)",
+    "MSG_SIZE_TOO_LARGE": "the record exceeds the topic's max.message.bytes",
+    "_MSG_SIZE_TOO_LARGE": "the record exceeds the producer's message.max.bytes",
+    "_MSG_TIMED_OUT": "no broker stored it within message.timeout.ms",
+    "_FATAL": "fatal producer error; the producer is rebuilt on the next send",
+}
 
 
 @dataclass(frozen=True)
@@ -158,47 +262,332 @@ class DeadLetter:
     route: str
 
 
-class DeadLetterProducer:
-    """Sends rejected lines to the dead-letter topic, confirmed before their batch commits."""
+def fit_letter(line: bytes, limit: int) -> tuple[bytes, int | None]:
+    """``line`` cut to at most ``limit`` bytes: ``(bytes, original length)``, or ``(line, None)``
+    when it fits. The cut backs off (at most 3 bytes) rather than split a UTF-8 character."""
+    if len(line) <= limit:
+        return line, None
+    keep = max(limit, 0)
+    for candidate in range(keep, max(keep - 3, 0) - 1, -1):
+        if line[candidate] & 0xC0 != 0x80:  # not a continuation byte: a character starts here
+            keep = candidate
+            break
+    return line[:keep], len(line)
 
-    def __init__(self, config: Mapping[str, str], topic: str) -> None:
-        self.topic = topic
-        self._producer = Producer(
-            {**config, "enable.idempotence": "true", "linger.ms": "5", "acks": "all"}
-        )
 
-    def send(self, letters: Iterable[DeadLetter], timeout: float = 30.0) -> int:
-        """Produce and wait for every delivery; raise SourceError unless all were stored."""
-        failures: list[str] = []
-        sent = 0
+def shorten_reason(reason: str, limit: int = REASON_MAX_BYTES) -> tuple[bytes, int | None]:
+    """The reason as UTF-8, at most ``limit`` bytes: its start and its end (where InfluxDB says
+    why) joined by ``...``; ``(bytes, original length)`` or ``(bytes, None)`` when it fits."""
+    raw = reason.encode()
+    if len(raw) <= limit:
+        return raw, None
+    tail_len = limit // 4
+    head, _ = fit_letter(raw, limit - tail_len - len(_ELLIPSIS))
+    tail = raw[len(raw) - tail_len :]
+    start = 0
+    while start < min(3, len(tail)) and tail[start] & 0xC0 == 0x80:
+        start += 1  # do not start inside a UTF-8 character
+    return head + _ELLIPSIS + tail[start:], len(raw)
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(str(err))
 
+def encode_letter(
+    dl: DeadLetter, max_message_bytes: int = DEFAULT_MESSAGE_MAX_BYTES
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of one dead-letter record, sized to fit ``max_message_bytes``.
+
+    Headers: ``reason``, ``source_topic``, ``source_partition``, ``source_offset``, ``cluster``,
+    ``route``; plus ``truncated`` (the line's original length, decimal) when the line was cut,
+    and ``reason_truncated`` (the reason's original length) when the reason was shortened.
+    """
+    reason, reason_len = shorten_reason(dl.reason)
+    headers = [
+        ("reason", reason),
+        ("source_topic", dl.topic.encode()),
+        ("source_partition", str(dl.partition).encode()),
+        ("source_offset", str(dl.offset).encode()),
+        ("cluster", dl.cluster.encode()),
+        ("route", dl.route.encode()),
+    ]
+    if reason_len is not None:
+        headers.append(("reason_truncated", str(reason_len).encode()))
+    room = max_message_bytes - HEADER_ROOM - sum(len(k) + len(v) for k, v in headers)
+    room -= len("truncated") + len(str(len(dl.line)))  # the header a cut adds
+    value, original = fit_letter(dl.line, room)
+    if original is not None:
+        headers.append(("truncated", str(original).encode()))
+    return value, headers
+
+
+def describe_kafka_error(err: KafkaError) -> str:
+    """``NAME (librdkafka's text)``, with what to check when the error is a known one."""
+    hint = _HINTS.get(err.name())
+    text = f"{err.name()} ({err.str()})"
+    return f"{text}: {hint}" if hint else text
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def _message_max_bytes(config: Mapping[str, str]) -> int:
+    raw = config.get("message.max.bytes", str(DEFAULT_MESSAGE_MAX_BYTES))
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SourceError(f"message.max.bytes must be an integer, got {raw!r}") from exc
+
+
+class _Deliveries:
+    """The delivery reports of one ``send()`` call. ``on_delivery`` runs on whichever thread
+    polls the shared producer, so it touches this object only, under this object's lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._stored = 0
+        self._failed = 0
+        self._first_error: KafkaError | None = None
+
+    def expect(self) -> None:
+        """Count one letter before it is handed to produce() (its report may come at once)."""
+        with self._lock:
+            self._pending += 1
+
+    def forget(self) -> None:
+        """produce() refused the letter: no report will come for it."""
+        with self._lock:
+            self._pending -= 1
+
+    def on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        with self._lock:
+            self._pending -= 1
+            if err is None:
+                self._stored += 1
+                return
+            self._failed += 1
+            if self._first_error is None:
+                self._first_error = err
+
+    def state(self) -> tuple[int, int, int, KafkaError | None]:
+        """(pending, stored, failed, first error)."""
+        with self._lock:
+            return self._pending, self._stored, self._failed, self._first_error
+
+
+class _Client:
+    """One librdkafka producer and the fatal error it reported (after which it is unusable)."""
+
+    def __init__(self, config: Mapping[str, str]) -> None:
+        self.fatal: KafkaError | None = None
+        self.last_error: tuple[float, KafkaError] | None = None
         try:
-            for dl in letters:
-                headers: dict[str, str | bytes | None] = {
-                    "reason": dl.reason.encode(),
-                    "source_topic": dl.topic.encode(),
-                    "source_partition": str(dl.partition).encode(),
-                    "source_offset": str(dl.offset).encode(),
-                    "cluster": dl.cluster.encode(),
-                    "route": dl.route.encode(),
-                }
-                self._producer.produce(
-                    self.topic, value=dl.line, headers=headers, on_delivery=on_delivery
-                )
-                sent += 1
-            remaining = self._producer.flush(timeout)
-        except (KafkaException, BufferError) as exc:
-            raise SourceError(f"dead-letter produce to {self.topic} failed: {exc}") from exc
-        if remaining or failures:
-            raise SourceError(
-                f"dead-letter produce to {self.topic}: {len(failures)} failed, "
-                f"{remaining} unconfirmed: {failures[:1]}"
-            )
-        return sent
+            self.producer = Producer({**config, "error_cb": self._on_error})
+        except KafkaException as exc:
+            raise SourceError(f"cannot create the dead-letter producer: {exc}") from exc
 
-    def close(self) -> None:
-        self._producer.flush(10)
+    def _on_error(self, err: KafkaError) -> None:
+        # runs on a polling thread; single attribute stores only
+        if _is_fatal(err):
+            self.fatal = err
+        self.last_error = (time.monotonic(), err)
+
+    def failed_fatally(self, err: KafkaError) -> None:
+        if self.fatal is None:
+            self.fatal = err
+
+    def describe(self, err: KafkaError) -> str:
+        """The error, and the fatal error behind it if that is another one."""
+        text = describe_kafka_error(err)
+        fatal = self.fatal
+        if fatal is not None and fatal.code() != err.code():
+            text += f" (fatal error: {describe_kafka_error(fatal)})"
+        return text
+
+    def recent_error(self, since: float) -> str:
+        """``; last client error: ...`` if the client reported one after ``since``, else ``""``."""
+        recent = self.last_error
+        if recent is None or recent[0] < since:
+            return ""
+        return f"; last client error: {describe_kafka_error(recent[1])}"
+
+    def discard(self) -> None:
+        """Drop what is still queued on a producer that will not be used again."""
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self.producer.purge()
+            self.producer.poll(0)
+
+
+class _SharedClient:
+    """The producer every sender shares; replaced after a fatal error, under a short lock."""
+
+    def __init__(self, config: Mapping[str, str]) -> None:
+        self.config = dict(config)
+        self._lock = threading.Lock()  # guards _client; never held while waiting on Kafka
+        self._client = _Client(self.config)
+
+    def current(self, topic: str) -> _Client:
+        """The producer to use now: a new one if the current one reported a fatal error."""
+        with self._lock:
+            old = self._client
+            if old.fatal is None:
+                return old
+            self._client = new = _Client(self.config)  # builds locally, no network I/O
+        log.warning(
+            "dead_letter_producer_rebuilt", topic=topic, reason=describe_kafka_error(old.fatal)
+        )
+        old.discard()
+        return new
+
+
+class DeadLetterProducer:
+    """Sends rejected lines to the dead-letter topic, confirmed before their batch commits.
+
+    Threads: every writer thread calls ``send()`` on one shared librdkafka producer
+    (``with_topic()`` gives a sender to another topic on the same one). A call waits for its
+    own letters only: each produced letter reports to that call's ``_Deliveries``, and the call
+    polls the producer (from its own thread) until those reports are in or its deadline passes.
+    Another destination's stuck letter cannot fail it, and no lock is held while it waits.
+
+    Bounded failure: librdkafka gives every letter a verdict within ``delivery_timeout``
+    (``message.timeout.ms``, default 10 s; a missing topic fails after half of it through
+    ``topic.metadata.propagation.max.ms``); ``send()`` waits that long plus 5 s by default.
+    Anything but "all stored" raises ``DeadLetterError`` naming the topic and the first Kafka
+    error (``_UNKNOWN_TOPIC``, ``TOPIC_AUTHORIZATION_FAILED``, ``MSG_SIZE_TOO_LARGE``,
+    ``_MSG_TIMED_OUT``, ``_FATAL``...), never a secret. The producer is idempotent
+    (``acks=all``): librdkafka's own retries store a letter once. A fatal error (for example a
+    fenced or out-of-sequence idempotent producer) makes the librdkafka producer unusable: the
+    next ``send()`` builds a new one and logs ``dead_letter_producer_rebuilt``.
+
+    Over-size letters: a record must fit the producer's ``message.max.bytes`` (taken from the
+    Kafka client settings, default 1,000,000 bytes). A longer line is truncated to fit: the
+    record's value is the line's first bytes (cut on a UTF-8 character boundary), up to
+    ``message.max.bytes`` minus its headers minus 1 KiB of framing room, and the header
+    ``truncated`` holds the line's original length in bytes (decimal ASCII); ``reason`` and the
+    source headers are unchanged, so the bad message can still be found at its source offset.
+    A reason longer than 4 KiB (InfluxDB quotes the whole refused line in it) keeps its first
+    3 KiB and its last 1 KiB joined by ``...``, with ``reason_truncated`` holding its original
+    length. A topic whose ``max.message.bytes`` is below the producer's limit still refuses such
+    a record: that is a ``DeadLetterError`` (``MSG_SIZE_TOO_LARGE``) until the topic is fixed.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        topic: str,
+        *,
+        delivery_timeout: float = DELIVERY_TIMEOUT,
+    ) -> None:
+        timeout_ms = int(delivery_timeout * 1000)
+        if timeout_ms <= 100:
+            raise ValueError("delivery_timeout must be more than 0.1 s")
+        self.topic = topic
+        self.delivery_timeout = delivery_timeout
+        self._shared = _SharedClient(
+            {
+                **config,
+                "enable.idempotence": "true",
+                "acks": "all",
+                "linger.ms": "5",
+                "message.timeout.ms": str(timeout_ms),
+                "request.timeout.ms": str(min(30_000, timeout_ms)),
+                "topic.metadata.propagation.max.ms": str(timeout_ms // 2),
+            }
+        )
+        self._max_bytes = _message_max_bytes(self._shared.config)
+
+    def with_topic(self, topic: str) -> DeadLetterProducer:
+        """The same librdkafka producer (same settings, same rebuilds) writing to ``topic``."""
+        other = copy.copy(self)
+        other.topic = topic
+        return other
+
+    def send(self, letters: Iterable[DeadLetter], timeout: float | None = None) -> int:
+        """Produce ``letters`` and wait until each is stored; return how many were sent.
+
+        Waits at most ``timeout`` seconds (default: the delivery timeout plus 5 s) for this
+        call's letters only. Raises DeadLetterError unless every letter was stored.
+        """
+        wait = self.delivery_timeout + _VERDICT_MARGIN if timeout is None else timeout
+        started = time.monotonic()
+        deadline = started + wait
+        client = self._shared.current(self.topic)
+        deliveries = _Deliveries()
+        count = 0
+        for dl in letters:
+            value, headers = encode_letter(dl, self._max_bytes)
+            self._produce(client, deliveries, value, headers, deadline)
+            count += 1
+        pending, _, failed, first = deliveries.state()
+        while pending and not failed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            client.producer.poll(min(_POLL_INTERVAL, left))
+            pending, _, failed, first = deliveries.state()
+        if failed and first is not None:
+            if _is_fatal(first):
+                client.failed_fatally(first)
+            why = client.describe(first)
+            if first.code() == KafkaError._MSG_TIMED_OUT:
+                why += client.recent_error(started)
+            raise DeadLetterError(
+                f"dead letters to {self.topic}: {failed} of {count} not stored: {why}",
+                topic=self.topic,
+                code=first.name(),
+            )
+        if pending:
+            raise DeadLetterError(
+                f"dead letters to {self.topic}: {pending} of {count} not confirmed "
+                f"within {wait:g}s{client.recent_error(started)}",
+                topic=self.topic,
+                code="unconfirmed",
+            )
+        return count
+
+    def _produce(
+        self,
+        client: _Client,
+        deliveries: _Deliveries,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        deadline: float,
+    ) -> None:
+        deliveries.expect()
+        while True:
+            try:
+                client.producer.produce(
+                    self.topic,
+                    value=value,
+                    headers=cast("list[tuple[str, str | bytes | None]]", headers),
+                    on_delivery=deliveries.on_delivery,
+                )
+                return
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    deliveries.forget()
+                    raise DeadLetterError(
+                        f"dead letters to {self.topic}: the producer's local queue stayed full",
+                        topic=self.topic,
+                        code="_QUEUE_FULL",
+                    ) from None
+                client.producer.poll(_POLL_INTERVAL)  # let reports drain the queue, then retry
+            except KafkaException as exc:
+                deliveries.forget()
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None:
+                    raise DeadLetterError(
+                        f"dead letters to {self.topic}: produce failed: {exc}",
+                        topic=self.topic,
+                        code="unknown",
+                    ) from exc
+                if _is_fatal(err):
+                    client.failed_fatally(err)
+                raise DeadLetterError(
+                    f"dead letters to {self.topic}: produce refused: {client.describe(err)}",
+                    topic=self.topic,
+                    code=err.name(),
+                ) from exc
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait up to ``timeout`` seconds for every queued letter (at shutdown)."""
+        self._shared.current(self.topic).producer.flush(timeout)

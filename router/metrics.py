@@ -107,3 +107,35 @@ class Metrics:
             rc,
             registry=r,
         )
+        self.dead_letter_errors = Counter(
+            "frouter_dead_letter_errors",
+            "Dead-letter sends that failed (the batch is held, nothing committed past it)",
+            rc,
+            registry=r,
+        )
+        self.oldest_unsettled = Gauge(
+            "frouter_oldest_unsettled_batch_seconds",
+            "Age of the destination's oldest batch not yet written and settled (0: none)",
+            rc,
+            registry=r,
+        )
+        self.destination_state = Gauge(
+            "frouter_destination_state",
+            "1 for the state the destination is in (starting, paused, active, backoff, "
+            "blocked, stopped, crashed, closed), 0 for the others",
+            [*rc, "state"],
+            registry=r,
+        )
+        self.destination_stalled = Gauge(
+            "frouter_destination_stalled",
+            "1 while an active destination has lag but its commits have not moved for longer "
+            "than its write deadline",
+            rc,
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "frouter_batch_failures",
+            "Failed batches by reason (unavailable, timeout, misconfigured, dead_letter, internal)",
+            [*rc, "reason"],
+            registry=r,
+        )

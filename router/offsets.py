@@ -73,3 +73,70 @@ class OffsetTracker:
                 self._batches[batch_id] = kept
             else:
                 del self._batches[batch_id]
+
+
+# --- where a destination starts reading ------------------------------------------------------
+
+NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group never committed this partition
+
+
+@dataclass(frozen=True)
+class Marks:
+    """A partition's watermarks: ``low`` the earliest offset still in the log, ``high`` the
+    offset the next produced message gets."""
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Where each partition starts, and what must be recorded before it does.
+
+    ``gaps``: partition -> (first lost offset, earliest offset still in Kafka): retention loss.
+    ``skips``: partition -> (first skipped offset, next offset read): a returning primary's jump.
+    ``record``: offsets to commit at once as this group's progress (a gap or skip is then counted
+    once, and data deleted before we write it is noticed as lost, not silently skipped).
+    """
+
+    starts: dict[TopicPart, int]
+    gaps: dict[TopicPart, tuple[int, int]]
+    skips: dict[TopicPart, tuple[int, int]]
+    record: dict[TopicPart, int]
+
+
+def start_offsets(
+    mode: str,
+    own: Mapping[TopicPart, int],
+    peers: Iterable[Mapping[TopicPart, int]],
+    watermarks: Mapping[TopicPart, Marks],
+) -> StartPlan:
+    """The start offset of every partition in ``watermarks``, as a pure function.
+
+    ``mode`` is ``own`` (the destination's own commit: replay what it missed), ``takeover``
+    (the max over its own and every peer group's commit: pick up where the route is) or
+    ``skip`` (like takeover; the range between its own commit and the start is a recorded
+    skip). A partition no group ever committed starts at the low watermark (a partition just
+    added to the topic starts at 0); a commit below the low watermark starts at the low
+    watermark and records the difference as a retention gap; no start is above the high mark.
+    """
+    peer_maps = list(peers) if mode != "own" else []
+    plan = StartPlan({}, {}, {}, {})
+    for tp, wm in watermarks.items():
+        mine = own.get(tp, NO_OFFSET)
+        s = max([mine, *(p.get(tp, NO_OFFSET) for p in peer_maps)])
+        if s < 0:
+            s = wm.low
+            plan.record[tp] = s
+        elif s < wm.low:
+            plan.gaps[tp] = (s, wm.low)
+            s = wm.low
+            plan.record[tp] = s
+        s = min(s, wm.high)
+        if mode == "skip":
+            base = wm.low if mine < 0 or tp in plan.gaps else mine
+            if s > base:
+                plan.skips[tp] = (base, s)
+                plan.record[tp] = s
+        plan.starts[tp] = s
+    return plan

@@ -624,6 +624,9 @@ class RouteConfig(_Model):
     topics: tuple[Topic, ...] = Field(min_length=1)
     format: Literal["line", "graphite"] = "line"
     graphite_templates: tuple[str, ...] = ()
+    # A line without a timestamp gets its Kafka message's timestamp (idempotent re-sends);
+    # false: InfluxDB stamps it on arrival (and a replayed line is stored again).
+    stamp_missing_timestamps: bool = True
     mode: Literal["failover", "mirror"] = "failover"
     primary: str | None = None
     standby: tuple[str, ...] = ()

@@ -91,6 +91,15 @@ def produce(bootstrap: str, topic: str, points: int, lines: int, tag: str) -> No
     producer.flush(120)
 
 
+def create_topics(kadmin: AdminClient, topic: str, tag: str) -> None:
+    """The data topic and the dead-letter topic (the stack's Kafka never auto-creates one)."""
+    futures = kadmin.create_topics(
+        [NewTopic(topic, PARTITIONS, 1), NewTopic(f"bench-{tag}.dead-letter", 1, 1)]
+    )
+    for future in futures.values():
+        future.result(15)
+
+
 def topology(env: dict[str, str], topic: str, tag: str, url: str, port: int) -> dict[str, Any]:
     return {
         "datacenter": "bench",
@@ -177,7 +186,7 @@ def main() -> None:
     # 1. throughput: backlog first, then the router drains it to influx-a (direct)
     tag = uuid.uuid4().hex[:8]
     topic = f"bench.{tag}"
-    kadmin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(15)
+    create_topics(kadmin, topic, tag)
     t0 = time.monotonic()
     produce(env["KAFKA_BOOTSTRAP"], topic, args.points, args.lines, tag)
     print(f"produced {args.points} points in {time.monotonic() - t0:.1f}s", flush=True)
@@ -197,7 +206,7 @@ def main() -> None:
     # 2. backlog memory: the cluster is cut off while the backlog piles up in Kafka
     tag = uuid.uuid4().hex[:8]
     topic = f"bench.{tag}"
-    kadmin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(15)
+    create_topics(kadmin, topic, tag)
     toxi = Toxiproxy(env["TOXIPROXY_URL"])
     proc = run_router(topology(env, topic, tag, env["INFLUX_A_PROXY_URL"], free_port()), work)
     idle = rss_mb(proc.pid)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from devstack import stack
+from router.topology import load_topology
+from scripts.generate import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +36,13 @@ def main() -> int:
     )
     args = p.parse_args()
     print(__doc__, flush=True)
+    # The stack's Kafka never auto-creates topics: the routes' topics and the dead-letter topic
+    # exist before the router subscribes or has a line to dead-letter.
+    topology = load_topology(args.topology)
+    topics = [t for route in topology.routes for t in route.topics if not t.startswith("^")]
+    created = ensure_topics(topology.kafka.bootstrap, [topology.kafka.dead_letters, *topics])
+    if created:
+        print(f"demo: created topic(s) {', '.join(created)}", flush=True)
     consul = ["--consul-addr", stack.endpoints()["CONSUL_HTTP_ADDR"]] if args.consul else []
     router = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "run", "--topology", args.topology, *consul]

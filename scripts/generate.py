@@ -1,6 +1,9 @@
 """A small metric generator: line-protocol messages to a Kafka topic at a steady rate.
 
 python -m scripts.generate --topic metrics.dc1 --rate 2000 [--seconds 0 (forever)]
+
+A topic that does not exist yet is created first (4 partitions): the local stack's Kafka never
+creates a topic on its own (``auto.create.topics.enable=false``).
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ import argparse
 import os
 import random
 import time
+from collections.abc import Iterable
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 
 def lines(measurement: str, hosts: int, seq: int, now_ns: int) -> list[bytes]:
@@ -20,6 +26,25 @@ def lines(measurement: str, hosts: int, seq: int, now_ns: int) -> list[bytes]:
         f"{tags}{h:03d} value={random.random():.4f},seq={seq}i {now_ns + h}".encode()
         for h in range(hosts)
     ]
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4) -> list[str]:
+    """Create those of ``topics`` that do not exist yet; return the names created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=15).topics
+    missing = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+    )
+    for future in futures.values():
+        try:
+            future.result(15)
+        except KafkaException as exc:  # created meanwhile by someone else: fine
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return missing
 
 
 def main() -> None:
@@ -32,6 +57,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     args = p.parse_args()
     topics = args.topic or ["metrics.dc1"]
+    created = ensure_topics(args.bootstrap, topics)
+    if created:
+        print(f"generator: created topic(s) {', '.join(created)}", flush=True)
     producer = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 20})
     per_msg = args.hosts
     interval = per_msg / args.rate
