@@ -25,6 +25,7 @@ def test_endpoints_name_every_server_on_loopback() -> None:
 
 def test_port_offset_shifts_every_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """FROUTER_PORT_OFFSET moves the whole block of ports so a second stack fits beside."""
+    monkeypatch.setenv("FROUTER_PORT_OFFSET", "0")
     base = stack.ports()
     monkeypatch.setenv("FROUTER_PORT_OFFSET", "100")
     shifted = stack.ports()
