@@ -41,10 +41,12 @@ from router.destination import Destination, DestinationSpec
 from router.errors import ConfigError
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
+from router.membership import RouteMembership
 from router.metrics import Metrics
 from router.policy import ClusterView
 from router.reload import Rebuilder, Reloader, groups_in_use, plans_of
 from router.sink import InfluxSink, InfluxTarget
+from router.source import AssignedSource
 from router.topology import ClusterConfig, Topology, load_topology
 
 log = structlog.get_logger("router")
@@ -197,6 +199,10 @@ class Router:
         )
         self.verdicts.subscribe(self._on_verdict)
         self._stopping = threading.Event()
+        # route -> who owns which of its partitions on this replica (reload thread builds and
+        # retires them; the control thread reads them when it rebuilds a crashed destination)
+        self._memberships: dict[str, RouteMembership] = {}
+        self._memberships_lock = threading.Lock()
         self.started_at = time.time()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -229,6 +235,10 @@ class Router:
         routes = self._control.detach_all()
         dests = [d for rt in routes for d in rt.destinations.values()]
         self._stop_destinations(dests + self._rebuilder.leaving(), timeout)
+        with self._memberships_lock:  # leave the route groups only after every commit
+            memberships, self._memberships = list(self._memberships.values()), {}
+        for m in memberships:
+            m.stop()
         if self.shared is not None:
             self.shared.stop()  # releases the lock, deregisters, stops the local checker
         elif self._own_health is not None:
@@ -274,6 +284,14 @@ class Router:
             nodes=functools.partial(self.verdicts.healthy_nodes, cluster),
             on_node_result=functools.partial(self.verdicts.report_write, cluster),
         )
+        membership = self._membership(plan)
+        source = AssignedSource(
+            spec.group,
+            f"frouter-{route.name}-{cluster}",
+            self._kafka_config,
+            on_close=membership.detach,
+        )
+        membership.attach(source)
         return Destination(
             spec,
             kafka_config=self._kafka_config,
@@ -282,18 +300,53 @@ class Router:
             dead_letters=self._dlq,
             metrics=self.metrics,
             on_misconfigured=self._on_misconfigured,
+            source=source,
         )
 
+    def _membership(self, plan: RoutePlan) -> RouteMembership:
+        """The route's membership, created (not started) on first use."""
+        with self._memberships_lock:
+            m = self._memberships.get(plan.name)
+            if m is None:
+                m = RouteMembership(
+                    plan.name,
+                    f"{plan.kafka.group_prefix}.{plan.name}",
+                    plan.config.topics,
+                    self._kafka_config,
+                )
+                self._memberships[plan.name] = m
+            return m
+
+    def _retire_membership(self, route: str) -> None:
+        """Leave the route group of a route whose destinations are gone (reload thread)."""
+        with self._memberships_lock:
+            m = self._memberships.pop(route, None)
+        if m is not None:
+            if m.members:
+                log.warning("membership_retired_with_members", route=route, members=m.members)
+            m.stop()
+
     def _build_route(self, plan: RoutePlan) -> RouteRuntime:
+        # The rebuilder starts a route only once its old destinations left their groups: the
+        # old membership has nobody left to hand partitions to, so it leaves first.
+        self._retire_membership(plan.name)
         dests = {c: self._factory(plan, c) for c in plan.config.destinations}
         for dest in dests.values():
             dest.start()
+        with self._memberships_lock:
+            membership = self._memberships.get(plan.name)
+        if membership is not None and not membership.alive:
+            membership.start()
         return RouteRuntime(plan, dests)
 
     def _routes_changed(self) -> None:
         """The routes run or the groups in use changed: read the lag of the running routes,
         close the offset readers of groups gone."""
         plans = self._control.plans()
+        with self._memberships_lock:
+            idle = [r for r, m in self._memberships.items() if r not in plans and not m.members]
+        for route in idle:  # a removed route whose destinations have all left
+            self._retire_membership(route)
         self._lag.watch(p.watch() for p in plans.values())
         closed = self._admin.retain(groups_in_use(plans, self._rebuilder))
         if closed:

@@ -199,8 +199,15 @@ class AssignedSource(_ConsumerSource):
     commits to the destination group. ``grant``/``revoke``/``fence`` are called from the
     membership thread; the callbacks run on the destination thread inside ``poll``."""
 
-    def __init__(self, group: str, client_id: str, kafka_config: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        group: str,
+        client_id: str,
+        kafka_config: Mapping[str, str],
+        on_close: Callable[[AssignedSource], None] = lambda source: None,
+    ) -> None:
         super().__init__(group, client_id, kafka_config)
+        self._on_close = on_close
         self._requests: queue.Queue[tuple[list[TopicPart], threading.Event | None]] = queue.Queue()
         self._assigned: set[TopicPart] = set()
         self._fenced: set[TopicPart] = set()
@@ -283,4 +290,5 @@ class AssignedSource(_ConsumerSource):
                 break
             if done is not None:
                 done.set()
+        self._on_close(self)
         super().close()
