@@ -24,7 +24,8 @@ through ``_transition``, which logs one ``destination_state`` event and sets the
             dead-letter topic: reading goes on, the batch is held (nothing of its partitions is
             committed past it) and its letters alone are retried with back-off until delivered
   stopped   InfluxDB refused our credentials or database (401/403/404): paused until the
-            topology changes the cluster (the engine rebuilds the destination)
+            engine activates it again, once a re-probe of the cluster was accepted (or the
+            topology changes the cluster and the engine rebuilds the destination)
   crashed   the consumer thread ended on an error: the engine rebuilds the destination
   closed    stopped on request (SIGTERM, reload)
 
@@ -53,7 +54,16 @@ from router.errors import SourceError
 from router.graphite import GraphiteConverter
 from router.kafka import DeadLetter
 from router.metrics import Metrics
-from router.offsets import Marks, OffsetTracker, StartPlan, TopicPart, start_offsets
+from router.offsets import (
+    Hole,
+    Marks,
+    OffsetTracker,
+    StartPlan,
+    TopicPart,
+    decode_holes,
+    encode_holes,
+    start_offsets,
+)
 from router.policy import StartFrom
 from router.source import GroupSource, PartitionSource, Record
 from router.stamp import Precision, kafka_time, lacks_timestamp, stamp_lines
@@ -81,6 +91,7 @@ class OffsetReader(Protocol):
     """What a destination reads of Kafka besides its messages (``router.kafka.KafkaAdmin``)."""
 
     def committed(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, int]: ...
+    def commits(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, tuple[int, str]]: ...
     def watermarks(self, tps: Iterable[TopicPart]) -> dict[TopicPart, Marks]: ...
 
 
@@ -178,6 +189,7 @@ class Destination:
         self._live: set[TopicPart] = set()  # assigned and started: messages accepted
         self._tracker = OffsetTracker()
         self._committable: dict[TopicPart, int] = {}  # newest offsets handed to commit()
+        self._holes: dict[TopicPart, tuple[Hole, ...]] = {}  # ranges below the commit not held
         self._next: dict[TopicPart, int] = {}  # live partition -> next offset to read
         self._starved_since = 0.0  # no free write slot since (monotonic; 0: a slot is free)
         self._throttled = False  # live partitions paused while no slot frees up
@@ -200,6 +212,7 @@ class Destination:
             target=self._run, name=f"dest-{spec.route}-{spec.cluster}", daemon=True
         )
         self._status = self._snapshot()
+        self._metrics.sink_misconfigured.labels(**self._labels).set(0)  # a rebuild starts clean
         for state in State:
             self._metrics.destination_state.labels(**self._labels, state=state.value).set(
                 1 if state is self._state else 0
@@ -579,7 +592,11 @@ class Destination:
             if isinstance(cmd, _Activate):
                 self._start_mode = cmd.start
                 self._want_active = True
-                if self._state in (State.STARTING, State.PAUSED):
+                if self._state is State.STOPPED:  # its cluster accepts our writes again
+                    self._error = ""
+                    self._metrics.sink_misconfigured.labels(**self._labels).set(0)
+                    self._resume(f"cluster accepts writes again; start from {cmd.start.value}")
+                elif self._state in (State.STARTING, State.PAUSED):
                     self._resume(f"start from {cmd.start.value}")
             else:
                 self._deactivate(cmd)
@@ -608,8 +625,10 @@ class Destination:
     def _commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
         mine = {tp: o for tp, o in offsets.items() if tp in self._assigned}
         self._committable.update(mine)
+        holes = self._holes
+        meta = {tp: encode_holes(holes[tp]) for tp in mine if tp in holes}
         try:
-            self._source.commit(mine, asynchronous)
+            self._source.commit(mine, asynchronous, meta)
         except SourceError as exc:
             log.warning("commit_failed", **self._labels, error=str(exc))
 
@@ -620,15 +639,20 @@ class Destination:
 
     def _plan(self, tps: Sequence[TopicPart], mode: StartFrom) -> StartPlan:
         """Read the commits and watermarks, then decide (``start_offsets``) and record."""
-        own = self._admin.committed(self.spec.group, tps)
+        mine = self._admin.commits(self.spec.group, tps)
+        own = {tp: o for tp, (o, _) in mine.items()}
+        holes = {tp: decode_holes(m) for tp, (_, m) in mine.items()}
         peers = [
             self._admin.committed(g, tps)
             for g in self.spec.peer_groups
             if g != self.spec.group and mode is not StartFrom.OWN
         ]
-        plan = start_offsets(mode.value, own, peers, self._admin.watermarks(tps))
-        for (t, p), (first, nxt) in plan.gaps.items():
-            lost = nxt - first
+        plan = start_offsets(mode.value, own, peers, self._admin.watermarks(tps), holes)
+        self._holes.update({tp: h for tp, h in plan.holes.items() if h})
+        for tp, h in plan.holes.items():
+            if not h:
+                self._holes.pop(tp, None)
+        for (t, p), (first, nxt, lost) in plan.gaps.items():
             self._metrics.retention_lost.labels(**self._labels, topic=t).inc(lost)
             log.error(
                 "retention_gap",
@@ -768,6 +792,7 @@ class Destination:
         for tp in gone:
             self._next.pop(tp, None)
             self._committable.pop(tp, None)
+            self._holes.pop(tp, None)
         if restart or not self._assigned:
             self._reset_tracking()
             if kept and self._state in READING:

@@ -30,6 +30,7 @@ from health.consul import ConsulSettings
 from health.shared import ClusterSource, DiscoverySpec, SharedVerdict, replica_id
 from health.verdict import ClusterState, Verdict, VerdictSource
 from router import status
+from router.clients import CurrentAdmin, KafkaClients, Retired
 from router.control import (
     ControlLoop,
     DestinationFactory,
@@ -38,14 +39,16 @@ from router.control import (
     RouteRuntime,
 )
 from router.destination import Destination, DestinationSpec
-from router.errors import ConfigError
+from router.errors import ConfigError, RouterError
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
 from router.membership import RouteMembership
 from router.metrics import Metrics
 from router.policy import ClusterView
 from router.reload import Rebuilder, Reloader, groups_in_use, plans_of
-from router.sink import InfluxSink, InfluxTarget
+from router.reprobe import Reprober
+from router.secrets import file_stamp
+from router.sink import Credentials, InfluxSink, InfluxTarget
 from router.source import AssignedSource
 from router.topology import ClusterConfig, Topology, load_topology
 
@@ -57,8 +60,20 @@ LAG_TIMEOUT = 5.0  # deadline of one Kafka read of the lag reader
 TICK_TIMEOUT = 15.0  # /healthz fails when the control loop has not ticked for this long
 
 
-def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
+def credentials_of(cluster: ClusterConfig) -> Credentials:
+    """The cluster's credentials as they are now (asked before every write: a secret file is
+    read again only when it changed). Raises ConfigError if a secret cannot be read."""
     creds = cluster.credentials()
+    username, password = creds if creds is not None else (None, None)
+    return Credentials(username, password, cluster.token())
+
+
+def secret_version(cluster: ClusterConfig) -> object:
+    """What changes when one of the cluster's secret files changes (a rotation)."""
+    return tuple(file_stamp(p) for p in (cluster.password_file, cluster.token_file) if p)
+
+
+def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
     return InfluxTarget(
         cluster=name,
         api=cluster.api,
@@ -67,9 +82,7 @@ def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
         org=cluster.org,
         bucket=cluster.bucket,
         precision=cluster.precision,
-        username=creds[0] if creds else None,
-        password=creds[1] if creds else None,
-        token=cluster.token(),
+        credentials=functools.partial(credentials_of, cluster),
         timeout=cluster.write_timeout,
         max_retries=cluster.max_retries,
         gzip=cluster.gzip,
@@ -139,9 +152,12 @@ class Router:
         self._consul = consul
         self._datacenter = datacenter
         self.metrics = metrics or Metrics()
-        self._kafka_config = topology.kafka.librdkafka_config()
-        self._admin = KafkaAdmin(self._kafka_config)
-        self._dlq = DeadLetterProducer(self._kafka_config, topology.kafka.dead_letters)
+        # the Kafka clients of the current kafka: section (replaced when it or a secret of it
+        # changes); replaced sets stay open while destinations built with them are leaving
+        self._kafka = KafkaClients.build(topology.kafka)
+        self._retired_kafka = Retired()
+        self._kafka_error = ""  # why the last kafka: section could not be applied
+        self.metrics.topology_valid.set(1)  # the topology we start with is valid
         self._own_health: HealthChecker | None = None
         self.shared: SharedVerdict | None = None
         if verdicts is None:
@@ -168,10 +184,11 @@ class Router:
         self._seen_leader_changes = 0
         self._seen_consul_errors = 0
         self._misconfigured: dict[str, str] = {}
+        self._unreachable: set[str] = set()  # clusters this replica's own probes see DOWN
         self._mis_lock = threading.Lock()  # destination threads report under it; never waits
         self._tick_timeout = tick_timeout
         self._lag = LagReader(
-            self._admin,
+            CurrentAdmin(lambda: self._kafka),
             interval=lag_interval,
             fast_interval=tick,
             read_timeout=lag_timeout,
@@ -187,7 +204,7 @@ class Router:
             stall_after=stall_after,
         )
         self._rebuilder = Rebuilder(
-            self._control, build=self._build_route, on_change=self._routes_changed
+            self._control, build=self._build_route, on_change=self._routes_moved
         )
         self._reloader = Reloader(
             path=Path(topology_path) if topology_path else None,
@@ -196,6 +213,11 @@ class Router:
             rebuilder=self._rebuilder,
             metrics=self.metrics,
             interval=tick,
+            each_pass=self._watch_kafka_secrets,
+        )
+        # clusters that refused writes (401/403, unknown database) are probed until they work
+        self._reprober = Reprober(
+            probe=self._probe, on_recovered=self._on_recovered, version=self._secret_version
         )
         self.verdicts.subscribe(self._on_verdict)
         self._stopping = threading.Event()
@@ -212,7 +234,7 @@ class Router:
             self.shared.start()  # starts the local checker too
         elif self._own_health is not None:
             self._own_health.start()
-        self._rebuilder.plan(plans_of(self.topology), reason="router started")
+        self._rebuilder.plan(self._plans(self.topology), reason="router started")
         self._rebuilder.advance()  # no old consumers yet: every route starts now
         log.info(
             "router_started",
@@ -223,12 +245,14 @@ class Router:
         self._lag.start()
         self._control.start()
         self._reloader.start()
+        self._reprober.start()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop deciding, then stop every destination: finish in-flight writes, commit, leave
         the groups."""
         log.info("router_stopping", reason="stop requested")
         self._stopping.set()
+        self._reprober.stop()
         self._reloader.stop()
         self._control.stop()
         self._lag.stop()
@@ -243,8 +267,80 @@ class Router:
             self.shared.stop()  # releases the lock, deregisters, stops the local checker
         elif self._own_health is not None:
             self._own_health.stop()
-        self._dlq.close()
-        self._admin.close()
+        self._kafka.close()
+        self._retired_kafka.close_all()
+
+    # --- the Kafka clients (reload thread) ----------------------------------------------
+
+    @property
+    def _kafka_config(self) -> dict[str, str]:
+        return self._kafka.config
+
+    @property
+    def _admin(self) -> KafkaAdmin:
+        return self._kafka.admin
+
+    @property
+    def _dlq(self) -> DeadLetterProducer:
+        return self._kafka.dead_letters
+
+    def _plans(self, topology: Topology) -> list[RoutePlan]:
+        """The route plans, tied to the current Kafka clients: after a rebuild of the clients
+        (a rotated Kafka secret, the section unchanged) every plan is new, so every route
+        moves to the new clients."""
+        generation = self._kafka.generation
+        return [
+            dataclasses.replace(p, fingerprint=f"{p.fingerprint}.kafka{generation}")
+            for p in plans_of(topology)
+        ]
+
+    def _use_kafka(self, new: Topology) -> tuple[Topology, KafkaClients | None]:
+        """Build new Kafka clients if ``new``'s kafka: section, or one of its secrets, differs
+        from the current clients'; return (the topology to apply, the clients replaced).
+        Clients that cannot be built leave the previous section in place (reported)."""
+        current = self._kafka
+        try:
+            if current.matches(new.kafka):
+                return new, None
+            fresh = KafkaClients.build(new.kafka, current.generation + 1)
+        except RouterError as exc:
+            self._kafka_error = f"kafka: {exc}; still using the previous kafka settings"
+            self.metrics.topology_valid.set(0)
+            log.error(
+                "kafka_clients_failed",
+                error=str(exc),
+                reason="the kafka section cannot be applied; still using the previous one",
+            )
+            return new.model_copy(update={"kafka": self.topology.kafka}), None
+        self._kafka = fresh
+        self._kafka_error = ""
+        log.warning(
+            "kafka_clients_rebuilt",
+            generation=fresh.generation,
+            bootstrap=new.kafka.bootstrap,
+            dead_letter_topic=new.kafka.dead_letters,
+            reason="kafka settings or secrets changed; every route moves to the new clients",
+        )
+        return new, current
+
+    def _watch_kafka_secrets(self) -> None:
+        """Reload thread, every pass: a Kafka secret rotated under an unchanged kafka: section
+        (a SASL password file) is applied like a change of the section."""
+        if self._kafka_error:
+            return  # waits for the next edit of the topology
+        try:
+            same = self._kafka.matches(self.topology.kafka)
+        except ConfigError:
+            return  # unreadable and never read: the clients keep what they have
+        if not same:
+            self._apply_now(self.topology, reason="kafka secret changed")
+
+    def _routes_moved(self) -> None:
+        """After the rebuilder changed the routes run or the destinations leaving: the lag
+        reader and offset readers follow, and replaced Kafka clients no destination uses any
+        more are closed."""
+        self._routes_changed()
+        self._retired_kafka.reap(self._rebuilder.leaving())
 
     @staticmethod
     def _stop_destinations(dests: list[DestinationLike], timeout: float) -> None:
@@ -361,6 +457,43 @@ class Router:
         # Called from a destination thread, maybe while the engine waits for it: own lock.
         with self._mis_lock:
             self._misconfigured[cluster] = why
+        self._reprober.add(cluster, why)
+        self._control.wake()
+
+    def _probe(self, cluster: str) -> None:
+        """Reprobe thread: an empty write with the cluster's credentials as they are now;
+        raises SinkMisconfigured while it is still refused."""
+        cfg = self.topology.clusters.get(cluster)
+        if cfg is None:
+            return  # gone from the topology: nothing refuses any more
+        target = dataclasses.replace(influx_target(cluster, cfg), max_retries=0)
+        with InfluxSink(target, nodes=functools.partial(self._probe_nodes, cluster)) as sink:
+            sink.probe()
+
+    def _probe_nodes(self, cluster: str) -> list[str]:
+        try:
+            return list(self.verdicts.healthy_nodes(cluster))
+        except KeyError:
+            return []
+
+    def _secret_version(self, cluster: str) -> object:
+        cfg = self.topology.clusters.get(cluster)
+        return secret_version(cfg) if cfg is not None else None
+
+    def _on_recovered(self, cluster: str) -> None:
+        """Reprobe thread: the cluster accepts writes again. It is usable from the next pass:
+        the policy activates its destinations (a stopped one resumes) and routes hand back."""
+        with self._mis_lock:
+            why = self._misconfigured.pop(cluster, None)
+        for route in self.topology.routes:
+            if cluster in route.destinations:
+                self.metrics.sink_misconfigured.labels(route=route.name, cluster=cluster).set(0)
+        log.warning(
+            "sink_recovered",
+            cluster=cluster,
+            was=why or "",
+            reason="a probe write with the current credentials was accepted",
+        )
         self._control.wake()
 
     def _drained(self, name: str) -> bool:
@@ -382,14 +515,42 @@ class Router:
                 v = self.verdicts.verdict(name)
             except KeyError:  # removed by a reload a moment ago; no running route names it
                 continue
-            healthy = v.state is ClusterState.UP and name not in misconfigured
-            reason = misconfigured.get(name, v.reason)
+            reachable, why = self._reachable(name)
+            healthy = v.state is ClusterState.UP and name not in misconfigured and reachable
+            reason = misconfigured.get(name, v.reason if v.state is not ClusterState.UP else why)
             drained = self._drained(name)
             views[name] = ClusterView(healthy=healthy, drained=drained, reason=reason)
             self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
             self.metrics.cluster_drained.labels(cluster=name).set(1 if drained else 0)
         self._publish_consul_metrics()
         return views
+
+    def _reachable(self, name: str) -> tuple[bool, str]:
+        """Whether this replica's own probes reach the cluster. With a shared verdict (Consul)
+        a cluster UP for the datacenter may still be out of this replica's reach (a network
+        path of its own): then this replica's partitions fail over, the others stay."""
+        local = self._own_health
+        if self.shared is None or local is None:
+            return True, ""
+        try:
+            mine = local.verdict(name)
+        except KeyError:
+            return True, ""
+        ok = mine.state is ClusterState.UP
+        self.metrics.cluster_reachable.labels(cluster=name).set(1 if ok else 0)
+        if ok == (name in self._unreachable):
+            if ok:
+                self._unreachable.discard(name)
+            else:
+                self._unreachable.add(name)
+            log.warning(
+                "cluster_reachability",
+                cluster=name,
+                reachable=ok,
+                replica=self.shared.replica,
+                reason=mine.reason or "probes of this replica",
+            )
+        return ok, "" if ok else f"unreachable from this replica: {mine.reason}"
 
     def _publish_consul_metrics(self) -> None:
         shared = self.shared
@@ -410,8 +571,9 @@ class Router:
         this returns at once)."""
         self._reloader.submit(new)
 
-    def _apply_now(self, new: Topology) -> None:
+    def _apply_now(self, new: Topology, reason: str = "topology changed") -> None:
         old = self.topology
+        new, replaced = self._use_kafka(new)
         changed_clusters = {
             n
             for n, c in new.clusters.items()
@@ -420,10 +582,15 @@ class Router:
         }
         # Stale routes leave the control loop first: no route it still runs ever meets a
         # cluster the new topology lacks. New ones start in advance(), after the swap below.
-        rebuilt = self._rebuilder.plan(plans_of(new), reason="topology changed")
+        rebuilt = self._rebuilder.plan(self._plans(new), reason=reason)
+        if replaced is not None:  # closed once every destination built with it has left
+            self._retired_kafka.add(replaced, self._rebuilder.leaving())
+            self._retired_kafka.reap(self._rebuilder.leaving())
         with self._mis_lock:
             for n in changed_clusters:
                 self._misconfigured.pop(n, None)
+        for n in changed_clusters:  # rebuilt from the new entry: judged by its own writes
+            self._reprober.discard(n)
         if self.shared is not None:
             self.shared.set_sources(cluster_sources(new))
         elif self._own_health is not None:
@@ -432,6 +599,7 @@ class Router:
         drains = sorted(n for n, c in new.clusters.items() if c.drain)
         log.info(
             "topology_reloaded",
+            reason=reason,
             routes=len(new.routes),
             rebuilt=len(rebuilt),
             drained=",".join(drains) or "none",
@@ -442,7 +610,7 @@ class Router:
 
     @property
     def reload_error(self) -> str:
-        return self._reloader.error
+        return self._reloader.error or self._kafka_error
 
     @property
     def last_tick(self) -> float:

@@ -16,12 +16,18 @@ import structlog
 WATCHED = frozenset(
     {
         "cluster_state",
+        "cluster_reachability",
         "destination_state",
         "failover",
         "handback",
         "retention_gap",
         "skipped_range",
         "sink_misconfigured",
+        "sink_recovered",
+        "reprobe_failed",
+        "secret_unreadable",
+        "kafka_clients_rebuilt",
+        "kafka_clients_failed",
         "batch_failed",
         "topology_reloaded",
         "topology_rejected",

@@ -54,7 +54,10 @@ class KafkaAdmin:
 
     def __init__(self, config: Mapping[str, str], timeout: float = 10.0) -> None:
         self._config = dict(config)
-        self._admin = AdminClient(dict(config))
+        try:
+            self._admin = AdminClient(dict(config))
+        except KafkaException as exc:  # a setting librdkafka refuses (client_config)
+            raise SourceError(f"cannot create the Kafka admin client: {exc}") from exc
         self._timeout = timeout
         self._readers: dict[str, _Reader] = {}
         self._readers_lock = threading.Lock()
@@ -78,7 +81,13 @@ class KafkaAdmin:
     def committed(
         self, group: str, tps: Iterable[TopicPart], *, timeout: float | None = None
     ) -> dict[TopicPart, int]:
-        """The group's committed offset per partition (NO_OFFSET where it has none).
+        """The group's committed offset per partition (NO_OFFSET where it has none)."""
+        return {tp: o for tp, (o, _) in self.commits(group, tps, timeout=timeout).items()}
+
+    def commits(
+        self, group: str, tps: Iterable[TopicPart], *, timeout: float | None = None
+    ) -> dict[TopicPart, tuple[int, str]]:
+        """The group's committed offset and commit metadata per partition.
 
         Read with a consumer handle of that group that never subscribes (so it never joins),
         not with AdminClient.list_consumer_group_offsets: librdkafka 2.16 crashes (SIGSEGV in
@@ -99,13 +108,14 @@ class KafkaAdmin:
                     break
         except KafkaException as exc:
             raise SourceError(f"cannot read committed offsets of {group}: {exc!r}") from exc
-        out: dict[TopicPart, int] = {}
+        out: dict[TopicPart, tuple[int, str]] = {}
         for tp in result:
             if tp.error is not None:
                 raise SourceError(
                     f"committed offset of {group} {tp.topic}[{tp.partition}]: {tp.error}"
                 )
-            out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else NO_OFFSET
+            offset = tp.offset if tp.offset >= 0 else NO_OFFSET
+            out[(tp.topic, tp.partition)] = (offset, tp.metadata or "")
         return out
 
     def _reader(self, group: str) -> _Reader:

@@ -51,6 +51,13 @@ class Metrics:
         self.cluster_up = Gauge(
             "frouter_cluster_up", "1 if the cluster is UP", ["cluster"], registry=r
         )
+        self.cluster_reachable = Gauge(
+            "frouter_cluster_reachable",
+            "1 if this replica's own probes see the cluster UP (with a shared verdict a replica "
+            "that cannot reach a cluster fails over the partitions it owns)",
+            ["cluster"],
+            registry=r,
+        )
         self.cluster_drained = Gauge(
             "frouter_cluster_drained",
             "1 if the topology drains the cluster",

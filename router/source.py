@@ -51,7 +51,12 @@ class PartitionSource(Protocol):
     def poll(self, max_messages: int, timeout: float) -> Sequence[Record]: ...
     def pause(self, tps: Sequence[TopicPart]) -> None: ...
     def start(self, starts: Mapping[TopicPart, int]) -> None: ...
-    def commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None: ...
+    def commit(
+        self,
+        offsets: Mapping[TopicPart, int],
+        asynchronous: bool,
+        metadata: Mapping[TopicPart, str] | None = None,
+    ) -> None: ...
     def close(self) -> None: ...
 
 
@@ -147,8 +152,17 @@ class _ConsumerSource:
         except KafkaException as exc:
             raise SourceError(f"seek/resume failed: {exc}") from exc
 
-    def commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+    def commit(
+        self,
+        offsets: Mapping[TopicPart, int],
+        asynchronous: bool,
+        metadata: Mapping[TopicPart, str] | None = None,
+    ) -> None:
+        meta = metadata or {}
+        tps = [
+            TopicPartition(t, p, o, metadata=meta.get((t, p), ""))
+            for (t, p), o in offsets.items()
+        ]
         if not tps:
             return
         try:
@@ -276,10 +290,15 @@ class AssignedSource(_ConsumerSource):
         except KafkaException as exc:
             raise SourceError(f"unassign failed: {exc}") from exc
 
-    def commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
+    def commit(
+        self,
+        offsets: Mapping[TopicPart, int],
+        asynchronous: bool,
+        metadata: Mapping[TopicPart, str] | None = None,
+    ) -> None:
         with self._commit_lock:
             allowed = {tp: o for tp, o in offsets.items() if tp not in self._fenced}
-            super().commit(allowed, asynchronous)
+            super().commit(allowed, asynchronous, metadata)
 
     def close(self) -> None:
         self._closed = True

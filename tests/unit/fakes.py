@@ -49,6 +49,7 @@ class Kafka:
 
     logs: dict[TopicPart, list[bytes]] = field(default_factory=dict)
     commits: dict[str, dict[TopicPart, int]] = field(default_factory=dict)
+    metadata: dict[str, dict[TopicPart, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def produce(self, tp: TopicPart, *values: bytes) -> None:
@@ -125,9 +126,17 @@ class FakeSource:
             self.position[tp] = offset
             self.paused.discard(tp)
 
-    def commit(self, offsets: Mapping[TopicPart, int], asynchronous: bool) -> None:
+    def commit(
+        self,
+        offsets: Mapping[TopicPart, int],
+        asynchronous: bool,
+        metadata: Mapping[TopicPart, str] | None = None,
+    ) -> None:
         with self.kafka.lock:
             self.kafka.commits.setdefault(self.group, {}).update(offsets)
+            meta = self.kafka.metadata.setdefault(self.group, {})
+            for tp in offsets:
+                meta[tp] = (metadata or {}).get(tp, "")
 
     def close(self) -> None:
         self.closed = True
@@ -143,6 +152,12 @@ class FakeAdmin:
             raise SourceError("fake: broker unreachable")
         mine = self.kafka.committed(group)
         return {tp: mine.get(tp, NO_OFFSET) for tp in tps}
+
+    def commits(self, group: str, tps: Iterable[TopicPart]) -> dict[TopicPart, tuple[int, str]]:
+        offsets = self.committed(group, tps)
+        with self.kafka.lock:
+            meta = dict(self.kafka.metadata.get(group, {}))
+        return {tp: (o, meta.get(tp, "")) for tp, o in offsets.items()}
 
     def watermarks(self, tps: Iterable[TopicPart]) -> dict[TopicPart, Marks]:
         if self.fail:

@@ -243,3 +243,20 @@ def test_every_state_is_a_metric_with_one_current_state(rig: Rig) -> None:
     values = {s.value: rig.counter("frouter_destination_state", state=s.value) for s in State}
     assert values["active"] == 1
     assert sum(values.values()) == 1
+
+
+def test_a_standby_remembers_its_window_and_replays_it_once_primary(rig: Rig) -> None:
+    """A standby taking over at the primary's commit records the range it never held in its
+    commit metadata; run later from its own commits (roles swapped) it replays that range."""
+    rig.lines(50)
+    rig.kafka.commits["g.r.a"] = {P0: 30}
+    rig.dest.activate(StartFrom.TAKEOVER)
+    wait_until(lambda: rig.committed_to_end(P0), timeout=10, what="standby at the end")
+    assert len(rig.sink.lines) == 20
+    assert rig.kafka.metadata[SPEC.group][P0] == "frouter:holes=0-30"
+    assert rig.dest.deactivate(graceful=True, reason="swap").wait(10)
+    rig.dest.activate(StartFrom.OWN)
+    wait_until(lambda: len(rig.sink.lines) == 70, timeout=10, what="the window replayed")
+    wait_until(lambda: rig.committed_to_end(P0), timeout=10, what="at the end again")
+    assert {int(x.split(b"=")[1].split(b"i")[0]) for x in rig.sink.lines} == set(range(50))
+    assert rig.kafka.metadata[SPEC.group][P0] == ""
