@@ -9,15 +9,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from structlog.testing import capture_logs
 
 from router.errors import DeadLetterError
 from router.kafka import DeadLetter, DeadLetterProducer
-from tests.integration.harness import Scenario, new_tag
+from tests.integration.harness import RouterProc, Scenario, new_tag, write_yaml
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -172,3 +175,48 @@ def test_a_producer_that_failed_fatally_is_rebuilt_on_the_next_send(
     assert logs[0]["topic"] == sc.dead_letter_topic
     assert "_FATAL" in logs[0]["reason"]
     assert len(read_letters(sc, 1)) == 1
+
+
+def test_router_holds_a_partition_while_the_dead_letter_topic_is_missing(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """With the dead-letter topic missing (auto-create off) a bad line does not stop the
+    cluster from getting the good ones, the destination shows `blocked` with the error and
+    counts it, nothing is committed past the bad line, and once the topic exists everything
+    drains: the letter lands and every group commits to the end."""
+    sc = Scenario(stack_env, new_tag())
+    admin = AdminClient({"bootstrap.servers": sc.bootstrap})
+    admin.create_topics([NewTopic(sc.topic, num_partitions=sc.partitions, replication_factor=1)])[
+        sc.topic
+    ].result(15)
+    router = RouterProc(write_yaml(tmp_path / "r.yaml", sc.topology()), tmp_path)
+    try:
+        sc.produce(0, 400, bad_every=400)  # message 0 (partition 0, offset 0) is malformed
+        router.start()
+
+        def blocked() -> bool:
+            d = router.destination("r", "a")
+            return d["state"] == "blocked" and "dead letters" in d["error"]
+
+        wait_until(blocked, timeout=60, what="destination a blocked on its dead letters")
+        sc.wait_count("a", 399, timeout=60)
+        sc.produce(400, 400)
+        sc.wait_count("a", 799, timeout=60)  # later good lines still arrive
+        assert router.metric("frouter_dead_letter_errors_total", cluster="influx-a") >= 1
+        assert sc.committed("r", "a")[(sc.topic, 0)] <= 0  # nothing past the bad line
+        admin.create_topics(
+            [NewTopic(sc.dead_letter_topic, num_partitions=1, replication_factor=1)]
+        )[sc.dead_letter_topic].result(15)
+        sc.wait_committed_to_end("r", "a", timeout=90)
+        letters = read_letters(sc, 1)
+        assert letters[0][1]["source_offset"] == b"0"
+        wait_until(
+            lambda: router.destination("r", "a")["state"] == "active",
+            timeout=30,
+            what="destination a active again",
+        )
+        assert sc.count("a") == 799
+    finally:
+        if router.proc is not None:
+            router.stop()
+        sc.close()
