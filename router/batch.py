@@ -59,6 +59,12 @@ class Batch:
         self.messages += 1 if complete else 0
         self.advance(tp, offset if complete else offset - 1)
 
+    def advance_all(self, lasts: dict[TopicPart, int]) -> None:
+        """``advance`` for several partitions (offsets only grow within a partition)."""
+        if self.empty():
+            self.started = time.monotonic()
+        self.last.update(lasts)
+
     def advance(self, tp: TopicPart, last: int) -> None:
         """Record that every message of ``tp`` up to ``last`` is complete in or before this
         batch (a message with nothing to write still moves the commit)."""

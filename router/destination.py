@@ -131,6 +131,9 @@ class DestinationStatus:
     oldest_unsettled: float = 0.0  # age in seconds of the oldest batch not yet settled (0: none)
     thread_alive: bool = True  # False once the consumer thread has ended
     write_deadline: float = 60.0  # a batch older than this means the destination is stuck
+    points_written: int = 0  # lines InfluxDB accepted from this destination object
+    # wall-clock time InfluxDB last accepted a batch holding messages of the partition
+    last_write: Mapping[TopicPart, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ class Destination:
         self._pending_done: list[threading.Event] = []
         self._error = ""
         self._restart_reason = ""
+        self._points = 0  # lines written (the status page's points/s)
+        self._last_write: dict[TopicPart, float] = {}
         # --- shared ---
         self.crashed = ""  # set when the consumer thread ended: the engine rebuilds it
         self._stop = threading.Event()
@@ -370,8 +375,81 @@ class Destination:
         if self._source.out_of_range:
             tps, self._source.out_of_range = self._source.out_of_range, []
             self._out_of_range(tps)
-        if self._throttled:
-            return  # read again from self._next when a write slot frees up
+        if self._throttled or not msgs:
+            return  # throttled: read again from self._next when a write slot frees up
+        if self._graphite is not None:
+            self._consume_each(msgs)
+        else:
+            self._consume_fast(msgs)
+
+    def _consume_fast(self, msgs: Sequence[Record]) -> None:
+        """The hot path (line protocol passed through): per message only what cannot be done
+        per batch. A message that does not fit the current batch, or is larger than a batch,
+        goes through ``Batcher.add``; everything else is appended here with local counters."""
+        live = self._live
+        stamp = self.spec.stamp_missing
+        precision = self.spec.precision
+        batcher = self._batcher
+        max_points, max_bytes = batcher.max_points, batcher.max_bytes
+        b = batcher.current
+        if b.empty():
+            b.started = time.monotonic()
+        values, origins, offsets = b.values, b.origins, b.offsets
+        points, size, count = b.points, b.size, b.messages
+        seen: dict[TopicPart, int] = {}  # partition -> last offset read in this call
+        for msg in msgs:
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp not in live:
+                continue  # fetched before a pause; it is read again after the next start
+            offset = msg.offset() or 0
+            seen[tp] = offset
+            value = msg.value()
+            if not value:
+                continue  # nothing to write: ``seen`` still moves the commit past it
+            if stamp and lacks_timestamp(value):
+                ts = kafka_time(msg.timestamp(), precision)
+                if ts is not None:  # a message without a timestamp: InfluxDB's arrival time
+                    value = stamp_lines(value, ts)
+            n = len(value)
+            if size + n >= max_bytes:  # full, or a message larger than a batch: the slow way
+                b.points, b.size, b.messages = points, size, count
+                seen.pop(tp)
+                self._close_seen(b, seen)
+                for full in batcher.add(tp, offset, value):
+                    self._submit(full)
+                self._next[tp] = offset + 1
+                b = batcher.current
+                values, origins, offsets = b.values, b.origins, b.offsets
+                points, size, count = b.points, b.size, b.messages
+                continue
+            values.append(value)
+            origins.append(tp)
+            offsets.append(offset)
+            points += value.count(b"\n") + (value[-1] != 10)
+            size += n + 1
+            count += 1
+            if points >= max_points:
+                b.points, b.size, b.messages = points, size, count
+                self._close_seen(b, seen)
+                self._submit(batcher.take())
+                b = batcher.current
+                b.started = time.monotonic()
+                values, origins, offsets = b.values, b.origins, b.offsets
+                points, size, count = 0, 0, 0
+        b.points, b.size, b.messages = points, size, count
+        self._close_seen(b, seen)
+
+    def _close_seen(self, batch: Batch, seen: dict[TopicPart, int]) -> None:
+        """The messages read so far in this call are complete in ``batch``: record them."""
+        if seen:
+            batch.advance_all(seen)
+            nxt = self._next
+            for tp, offset in seen.items():
+                nxt[tp] = offset + 1
+            seen.clear()
+
+    def _consume_each(self, msgs: Sequence[Record]) -> None:
+        """Message by message (graphite conversion)."""
         nxt = self._next
         for msg in msgs:
             tp = (msg.topic() or "", msg.partition() or 0)
@@ -383,10 +461,6 @@ class Destination:
             payload = bytes(value) if value else b""
             if payload and self._graphite is not None:
                 payload = self._from_graphite(tp, offset, payload, msg)
-            elif payload and self.spec.stamp_missing and lacks_timestamp(payload):
-                ts = kafka_time(msg.timestamp(), self.spec.precision)
-                if ts is not None:  # a message without a timestamp: InfluxDB's arrival time
-                    payload = stamp_lines(payload, ts)
             if not payload:
                 self._batcher.current.advance(tp, offset)  # nothing to write: still commits
                 continue
@@ -457,6 +531,10 @@ class Destination:
         self._failures = 0
         self._metrics.batches.labels(**self._labels, outcome="ok").inc()
         self._metrics.points_written.labels(**self._labels).inc(batch.points - batch.refused)
+        self._points += batch.points - batch.refused
+        now = time.time()
+        for tp in batch.last:
+            self._last_write[tp] = now
         self._metrics.messages_written.labels(**self._labels).inc(batch.messages)
         if batch.letters:
             for dl in batch.letters:
@@ -848,4 +926,6 @@ class Destination:
             since=self._since,
             oldest_unsettled=oldest,  # monotonic; ``status`` turns it into an age
             write_deadline=self.spec.write_deadline,
+            points_written=self._points,
+            last_write=dict(self._last_write),
         )
