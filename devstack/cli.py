@@ -16,6 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start every server not running yet, wait until all answer")
     p_up.add_argument("--timeout", type=float, default=120.0)
+    p_up.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        default=[],
+        choices=stack.OPTIONAL,
+        help="also start this optional server (repeatable)",
+    )
     sub.add_parser("down", help="stop the servers devstack started (by pid)")
     sub.add_parser("env", help="print the endpoints as KEY=VALUE lines")
     sub.add_parser("status", help="print each server and its pid, or 'stopped'")
@@ -24,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         ("restore", "make it reachable again and remove its toxics"),
     ):
         p = sub.add_parser(verb, help=text)
-        p.add_argument("name", choices=[f"influx-{n}" for n in stack.INFLUX_NAMES])
+        p.add_argument(
+            "name", choices=[*(f"influx-{n}" for n in stack.INFLUX_NAMES), *stack.OPTIONAL]
+        )
     p_restart = sub.add_parser("restart", help="start one server again (after kill -9)")
     p_restart.add_argument("name")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
-            started = stack.up(timeout=args.timeout)
+            started = stack.up(timeout=args.timeout, with_=tuple(args.with_))
             print(
                 f"devstack: up (started: {', '.join(started) or 'none, all running'})",
                 file=sys.stderr,

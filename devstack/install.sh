@@ -77,7 +77,45 @@ if [ ! -x "$TOXI" ]; then
   rm -rf "$tmp"
 fi
 
-# --- Consul (built from the Go module proxy; see build-consul.sh) -----------------------------
-bash "$HERE/build-consul.sh"
+# --- Servers built from the Go module proxy, side by side -------------------------------------
+# Consul (build-consul.sh), InfluxDB 1.8.3 (build-influxd.sh) and VictoriaMetrics
+# (build-victoriametrics.sh), each cached under $CACHE/bin. Run at once, so one build's
+# downloads and links overlap another's compiles. Cold, on 2 shared cores, influxd and
+# victoria-metrics side by side took 3 min together (183 s and 117 s); Consul alone ~5 min.
+go_build_pids=()
+bash "$HERE/build-chart-tools.sh" helm &   # helm + helm-unittest (prometheus: below)
+go_build_pids+=("$!")
+for script in build-consul.sh build-influxd.sh build-victoriametrics.sh; do
+  bash "$HERE/$script" &
+  go_build_pids+=("$!")
+done
+go_build_failed=0
+for pid in "${go_build_pids[@]}"; do wait "$pid" || go_build_failed=1; done
+[ "$go_build_failed" = 0 ] || die "a Go build failed (see its [install] error above)"
+
+# --- Chromium (Debian) for the status page's browser tests (Playwright drives it) -------------
+# Never `playwright install`: it downloads a browser build of its own. Cold: seconds (~81 MB).
+[ -x /usr/bin/chromium ] || apt_install chromium
+
+# --- promtool (Go module proxy) for `promtool check metrics` on the router's /metrics ---------
+# Cold: 8 min of CPU (11.5 min wall measured while other builds shared the 2 cores); the go
+# build cache under $CACHE/go is shared, so prometheus (build-chart-tools.sh) reuses most of it.
+PROMTOOL_VERSION=v0.316.0
+PROMTOOL="$CACHE/bin/promtool-$PROMTOOL_VERSION"
+if [ ! -x "$PROMTOOL" ]; then
+  say "building promtool $PROMTOOL_VERSION with go install"
+  tmp=$(mktemp -d "$CACHE/bin/.promtool.XXXXXX")
+  GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$tmp" \
+    go install "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION" >&2 \
+    || die "go install promtool $PROMTOOL_VERSION failed"
+  mv "$tmp/promtool" "$PROMTOOL"
+  rm -rf "$tmp"
+fi
+
+# --- prometheus (Go module proxy; see build-chart-tools.sh) -----------------------------------
+# The server of the dashboard/alerts test. Built after promtool, whose packages it reuses from
+# the go build cache (helm and helm-unittest, for the chart's tests, were built with the
+# servers above).
+bash "$HERE/build-chart-tools.sh" prometheus
 
 say "ok: kafka=$KAFKA_VERSION toxiproxy=$TOXIPROXY_VERSION influxd=$(command -v influxd) consul=$(ls "$CACHE"/bin/consul-* | head -1)"

@@ -1,4 +1,9 @@
-"""The local stack: real Kafka (KRaft), three InfluxDB 1.x, Toxiproxy and Consul on 127.0.0.1.
+"""The local stack: real Kafka (KRaft), four InfluxDB 1.x, Toxiproxy and Consul on 127.0.0.1.
+
+influx-a, -b and -c are Debian's InfluxDB 1.6 without auth; influx-d is InfluxDB 1.8.3 (built
+from the Go module proxy) with auth on, an admin user made by ``up``, and the v2 write API.
+VictoriaMetrics is optional: ``up(with_=("victoriametrics",))`` (``devstack up --with
+victoriametrics``) starts it too; the tests that need it ask for it.
 
 Every server is a plain child process started from binaries that ``devstack/install.sh``
 put in the cache dir (``$FROUTER_CACHE``, default ``~/.cache/failover-router``). Run state
@@ -30,8 +35,14 @@ from confluent_kafka.admin import AdminClient
 KAFKA_VERSION = "4.1.1"
 TOXIPROXY_VERSION = "v2.5.0"
 CONSUL_VERSION = "v1.16.3"
+INFLUXDB18_VERSION = "v1.8.3"
+VICTORIAMETRICS_VERSION = "v1.151.0"
 KAFKA_CLUSTER_ID = "ZnJvdXRlci1kZXZzdGFjaw"  # any 22-char base64 uuid; fixed so restarts reuse data
-INFLUX_NAMES = ("a", "b", "c")
+INFLUX_NAMES = ("a", "b", "c", "d")
+INFLUX18_NAMES = ("d",)  # InfluxDB 1.8.3 with auth; the others are Debian's 1.6 without
+INFLUX18_USERNAME = "admin"  # the admin user `up` creates (a local, throwaway stack)
+INFLUX18_PASSWORD = "frouter-admin"
+OPTIONAL = ("victoriametrics",)  # started only when asked for
 DATABASE = "metrics"
 
 _BASE_PORTS = {
@@ -41,12 +52,17 @@ _BASE_PORTS = {
     "influx_a": 18086,
     "influx_b": 18087,
     "influx_c": 18088,
+    "influx_d": 18089,
     "influx_a_rpc": 18186,
     "influx_b_rpc": 18187,
     "influx_c_rpc": 18188,
+    "influx_d_rpc": 18189,
     "influx_a_proxy": 28086,
     "influx_b_proxy": 28087,
     "influx_c_proxy": 28088,
+    "influx_d_proxy": 28089,
+    "victoriametrics": 18428,
+    "victoriametrics_proxy": 28428,
     "consul_http": 18500,
     "consul_server": 18300,
     "consul_serf_lan": 18301,
@@ -96,7 +112,13 @@ def endpoints() -> dict[str, str]:
         env[f"INFLUX_{up}_URL"] = f"http://127.0.0.1:{p[f'influx_{n}']}"
         env[f"INFLUX_{up}_PROXY_URL"] = f"http://127.0.0.1:{p[f'influx_{n}_proxy']}"
         env[f"INFLUX_{up}_PROXY_NAME"] = f"influx_{n}"
+    for n in INFLUX18_NAMES:
+        env[f"INFLUX_{n.upper()}_USERNAME"] = INFLUX18_USERNAME
+        env[f"INFLUX_{n.upper()}_PASSWORD"] = INFLUX18_PASSWORD
     env["INFLUX_DATABASE"] = DATABASE
+    env["VICTORIAMETRICS_URL"] = f"http://127.0.0.1:{p['victoriametrics']}"
+    env["VICTORIAMETRICS_PROXY_URL"] = f"http://127.0.0.1:{p['victoriametrics_proxy']}"
+    env["VICTORIAMETRICS_PROXY_NAME"] = "victoriametrics"
     env["CONSUL_HTTP_ADDR"] = f"127.0.0.1:{p['consul_http']}"
     return env
 
@@ -315,7 +337,7 @@ bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
   enabled = true
   bind-address = "127.0.0.1:{p[f"influx_{n}"]}"
   log-enabled = false
-  auth-enabled = false
+  auth-enabled = {"true" if n in INFLUX18_NAMES else "false"}
 [subscriber]
   enabled = false
 [continuous_queries]
@@ -328,10 +350,17 @@ bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
     return prepare
 
 
+def _influxd18_bin() -> Path:
+    return cache_dir() / "bin" / f"influxd-{INFLUXDB18_VERSION}"
+
+
 def _influx_service(n: str) -> Service:
     p = ports()
     url = endpoints()[f"INFLUX_{n.upper()}_URL"]
-    influxd = shutil.which("influxd") or "/usr/bin/influxd"
+    if n in INFLUX18_NAMES:
+        influxd = str(_influxd18_bin())
+    else:
+        influxd = shutil.which("influxd") or "/usr/bin/influxd"
     conf = stack_dir() / f"influx-{n}" / "influxdb.conf"
     return Service(
         name=f"influx-{n}",
@@ -341,6 +370,41 @@ def _influx_service(n: str) -> Service:
         ready=lambda: _http_ok(f"{url}/ping"),
         marker=str(conf),
         prepare=_influx_prepare(n),
+    )
+
+
+# --- VictoriaMetrics (optional) ---------------------------------------------------------
+
+
+def _victoriametrics_bin() -> Path:
+    return cache_dir() / "bin" / f"victoria-metrics-{VICTORIAMETRICS_VERSION}"
+
+
+def _victoriametrics_service() -> Service:
+    """Single-node VictoriaMetrics, line protocol on /write.
+
+    ``-retentionPeriod=100y``: the default (1 month) silently drops older points with a 204,
+    and the tests write 2023 timestamps. ``-dedup.minScrapeInterval=1ms``: a re-sent point
+    (same series, same millisecond) replaces itself, as it does in InfluxDB; VictoriaMetrics
+    keeps milliseconds only. ``-search.latencyOffset=0s``: reads see a write at once.
+    """
+    p = ports()
+    data = stack_dir() / "victoriametrics" / "data"
+    return Service(
+        name="victoriametrics",
+        argv=[
+            str(_victoriametrics_bin()),
+            f"-httpListenAddr=127.0.0.1:{p['victoriametrics']}",
+            f"-storageDataPath={data}",
+            "-retentionPeriod=100y",
+            "-dedup.minScrapeInterval=1ms",
+            "-search.latencyOffset=0s",
+            "-influxListenAddr=",
+            "-loggerLevel=WARN",
+        ],
+        port=p["victoriametrics"],
+        ready=lambda: _http_ok(f"{endpoints()['VICTORIAMETRICS_URL']}/health", (200,)),
+        marker=f"-storageDataPath={data}",
     )
 
 
@@ -443,16 +507,22 @@ def _kafka_service() -> Service:
 
 
 def services() -> list[Service]:
+    """Every server the stack knows, the optional ones (``OPTIONAL``) last."""
     return [
         _kafka_service(),
         *(_influx_service(n) for n in INFLUX_NAMES),
         _toxiproxy_service(),
         _consul_service(),
+        _victoriametrics_service(),
     ]
 
 
-def _check_installed() -> None:
+def _check_installed(with_: tuple[str, ...] = ()) -> None:
     missing = []
+    if not _influxd18_bin().exists():
+        missing.append(f"influxd {INFLUXDB18_VERSION} ({_influxd18_bin()})")
+    if "victoriametrics" in with_ and not _victoriametrics_bin().exists():
+        missing.append(f"victoria-metrics ({_victoriametrics_bin()})")
     if not (_kafka_home() / "libs" / ".complete").exists():
         missing.append(f"kafka jars ({_kafka_home()})")
     if shutil.which("influxd") is None:
@@ -518,6 +588,14 @@ def _populate_toxiproxy() -> None:
         }
         for n in INFLUX_NAMES
     ]
+    proxies.append(  # there even when the server is not: a proxy to nothing refuses, as a cut
+        {
+            "name": "victoriametrics",
+            "listen": f"127.0.0.1:{p['victoriametrics_proxy']}",
+            "upstream": f"127.0.0.1:{p['victoriametrics']}",
+            "enabled": True,
+        }
+    )
     base = endpoints()["TOXIPROXY_URL"]
     resp = httpx.post(f"{base}/populate", content=json.dumps(proxies), timeout=5)
     if resp.status_code >= 300:
@@ -525,22 +603,41 @@ def _populate_toxiproxy() -> None:
 
 
 def _create_databases() -> None:
+    """The database everywhere; on the servers with auth, the admin user first.
+
+    InfluxDB 1.x lets anyone create the first admin user while none exists; once it does,
+    the same statement with its credentials is a no-op. So this is idempotent."""
     for n in INFLUX_NAMES:
         url = endpoints()[f"INFLUX_{n.upper()}_URL"]
-        resp = httpx.post(f"{url}/query", params={"q": f'CREATE DATABASE "{DATABASE}"'}, timeout=5)
+        auth: httpx.BasicAuth | None = None
+        if n in INFLUX18_NAMES:
+            auth = httpx.BasicAuth(INFLUX18_USERNAME, INFLUX18_PASSWORD)
+            q = (
+                f'CREATE USER "{INFLUX18_USERNAME}" WITH PASSWORD '
+                f"'{INFLUX18_PASSWORD}' WITH ALL PRIVILEGES"
+            )
+            resp = httpx.post(f"{url}/query", params={"q": q}, auth=auth, timeout=5)
+            if resp.status_code != 200 or "error" in resp.text:
+                raise StackError(f"influx-{n}: CREATE USER failed: HTTP {resp.status_code}")
+        q = f'CREATE DATABASE "{DATABASE}"'
+        resp = httpx.post(f"{url}/query", params={"q": q}, auth=auth, timeout=5)
         if resp.status_code != 200:
             raise StackError(f"influx-{n}: CREATE DATABASE failed: HTTP {resp.status_code}")
 
 
-def up(timeout: float = 120.0) -> list[str]:
+def up(timeout: float = 120.0, with_: tuple[str, ...] = ()) -> list[str]:
     """Start every server that is not already running; wait until all answer.
 
-    Returns the names of the services this call started (empty when all were running). A
-    running server whose settings changed (Kafka's server.properties, say an old stack dir with
-    topic auto-creation on) is restarted with the new ones; it is not in the returned list.
+    Optional servers (``OPTIONAL``) are started only when named in ``with_``. Returns the
+    names of the services this call started (empty when all were running). A running server
+    whose settings changed (Kafka's server.properties, say an old stack dir with topic
+    auto-creation on) is restarted with the new ones; it is not in the returned list.
     """
-    _check_installed()
-    svcs = services()
+    unknown = sorted(set(with_) - set(OPTIONAL))
+    if unknown:
+        raise StackError(f"no optional server named {', '.join(unknown)} (known: {OPTIONAL})")
+    _check_installed(with_)
+    svcs = [svc for svc in services() if svc.name not in OPTIONAL or svc.name in with_]
     restarted: set[str] = set()  # running with outdated settings: started again, not "started" here
     for svc in svcs:
         pid = _alive_pid(svc)

@@ -4,9 +4,11 @@
 :mod:`health.state` (hysteresis, ``min_healthy``, new-node rule); this module does the I/O.
 
 Probes: v1 ``GET {node}/ping`` must answer 204; v2 ``GET {node}/health`` must answer 200 with a
-JSON ``"status": "pass"``. Anything else, and every httpx error, is a failed check with a short
-reason ("connection refused", "no answer within 1s", "/ping answered HTTP 503"); no httpx
-exception leaves this module and no reason carries a URL's userinfo or query.
+JSON ``"status": "pass"``; a VictoriaMetrics node (``flavor``) ``GET {node}/health`` must answer
+200 ``OK`` (it answers 503 while it shuts down). Anything else, and every httpx error, is a
+failed check with a short reason ("connection refused", "no answer within 1s", "/ping answered
+HTTP 503"); no httpx exception leaves this module and no reason carries a URL's userinfo or
+query.
 
 Threads:
 
@@ -56,6 +58,7 @@ class ClusterSpec:
     api: Literal["v1", "v2"]
     nodes: tuple[str, ...]
     min_healthy: int = 1
+    flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
 
 
 _PHRASES: tuple[tuple[type[Exception], str], ...] = (
@@ -101,6 +104,26 @@ def _judge_health(resp: httpx.Response) -> tuple[bool, str]:
     if status == "pass":
         return True, "health pass"
     return False, f"/health status {str(status)[:20]!r}"
+
+
+def _judge_vm_health(resp: httpx.Response) -> tuple[bool, str]:
+    if resp.status_code != 200:
+        return False, f"/health answered HTTP {resp.status_code}"
+    if resp.text.strip() != "OK":
+        return False, "/health answered no OK"
+    return True, "health ok"
+
+
+_Judge = Callable[[httpx.Response], tuple[bool, str]]
+
+
+def _probe_of(spec: ClusterSpec) -> tuple[str, _Judge]:
+    """The path a node of this cluster is probed on, and how its answer is judged."""
+    if spec.flavor == "victoriametrics":
+        return "/health", _judge_vm_health
+    if spec.api == "v1":
+        return "/ping", _judge_ping
+    return "/health", _judge_health
 
 
 class HealthChecker:
@@ -209,6 +232,8 @@ class HealthChecker:
         for name, spec in clusters.items():
             if spec.api not in ("v1", "v2"):
                 raise ValueError(f"cluster {name!r}: unknown api {spec.api!r}")
+            if spec.flavor not in ("influxdb", "victoriametrics"):
+                raise ValueError(f"cluster {name!r}: unknown flavor {spec.flavor!r}")
             if spec.min_healthy < 1 or len(set(spec.nodes)) != len(spec.nodes):
                 raise ValueError(f"cluster {name!r}: min_healthy < 1 or duplicate node URLs")
         now = self._clock()
@@ -263,7 +288,7 @@ class HealthChecker:
     def _submit_round(self) -> list[Future[None]]:
         with self._lock:
             jobs = [
-                (cluster, spec.api, node)
+                (cluster, spec, node)
                 for cluster, spec in self._specs.items()
                 for node in spec.nodes
                 if (cluster, node) not in self._in_flight
@@ -271,21 +296,21 @@ class HealthChecker:
             self._in_flight.update((cluster, node) for cluster, _, node in jobs)
         return [self._pool.submit(self._probe_and_record, *job) for job in jobs]
 
-    def _probe_and_record(self, cluster: str, api: Literal["v1", "v2"], node: str) -> None:
+    def _probe_and_record(self, cluster: str, spec: ClusterSpec, node: str) -> None:
         try:
-            ok, reason = self._probe(api, node)
+            ok, reason = self._probe(spec, node)
             self._record(cluster, node, ok, reason)
         finally:
             with self._lock:
                 self._in_flight.discard((cluster, node))
 
-    def _probe(self, api: Literal["v1", "v2"], node: str) -> tuple[bool, str]:
-        path = "/ping" if api == "v1" else "/health"
+    def _probe(self, spec: ClusterSpec, node: str) -> tuple[bool, str]:
+        path, judge = _probe_of(spec)
         try:
             resp = self._http.get(node.rstrip("/") + path)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return False, _describe(exc, self._timeout)
-        return _judge_ping(resp) if api == "v1" else _judge_health(resp)
+        return judge(resp)
 
     def _record(self, cluster: str, node: str, ok: bool, reason: str) -> None:
         now = self._clock()

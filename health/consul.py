@@ -2,7 +2,9 @@
 
 Only the handful of calls the router needs: healthy service instances (blocking), sessions,
 KV (blocking reads, acquire/release, put/delete), and the agent's own service registration.
-The ACL token is passed to the client once and never logged.
+The ACL token is never logged. Given as a file (``--consul-token-file``), it is read before
+every call and used from then on, the file read again only when it changed (``router.secrets``):
+a rotated token needs no restart.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import consul
 import requests
 
 from router.errors import ConsulError
+from router.secrets import file_secret
 
 _FAILURES = (consul.ConsulException, requests.RequestException, ValueError, KeyError, TypeError)
 
@@ -34,6 +37,7 @@ class ConsulSettings:
 
     address: str  # "127.0.0.1:8500" or "http(s)://host:port"
     token: str | None = field(default=None, repr=False)
+    token_file: str | None = None  # read on every call instead of ``token`` (rotation)
     prefix: str = "failover-router"
     session_ttl: float = 10.0  # seconds; Consul accepts 10..86400
     advertise: str = ""  # host:port Consul's HTTP check uses to reach our /healthz
@@ -51,8 +55,14 @@ class ConsulAPI:
             connections_timeout=timeout,
         )
         self.address = f"{url.hostname}:{url.port or 8500}"
+        self._token_file = settings.token_file
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._token_file is not None:
+            try:  # the client puts its token in the header of every request it sends
+                self._client.token = file_secret(self._token_file)
+            except ValueError as exc:
+                raise ConsulError(f"consul {what}: token file: {exc}") from exc
         try:
             return fn(*args, **kwargs)
         except _FAILURES as exc:

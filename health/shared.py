@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
 
@@ -54,6 +55,7 @@ class ClusterSource:
     min_healthy: int
     urls: tuple[str, ...] = ()
     discovery: DiscoverySpec | None = None
+    flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
 
 
 @dataclass
@@ -198,6 +200,7 @@ class SharedVerdict:
                     api="v2" if src.api == "v2" else "v1",
                     nodes=src.urls if src.discovery is None else self._discovered.get(name, ()),
                     min_healthy=src.min_healthy,
+                    flavor=src.flavor,
                 )
                 for name, src in self._sources.items()
             }

@@ -1,4 +1,5 @@
-"""`failover-router run | check-topology`."""
+"""`failover-router run | check-topology`; the operator's commands (status, drain, undrain,
+backfill) are in ``router.commands``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
 
 import structlog
 
 from health.consul import ConsulSettings
-from router.engine import Router
+from router import commands
+from router.engine import Router, write_deadline
 from router.errors import ConfigError, RouterError
 from router.events import configure_logging
 from router.http import StatusServer
-from router.topology import check_topology_main, load_topology
+from router.secrets import file_secret
+from router.topology import Topology, check_topology_main, load_topology
 
 log = structlog.get_logger("router")
 
@@ -28,18 +30,27 @@ def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings 
     if not args.consul_addr:
         return None
     token = os.environ.get("CONSUL_HTTP_TOKEN") or None
-    if args.consul_token_file:
+    token_file: str | None = None
+    if args.consul_token_file:  # read on every Consul call, again only when it changed
+        token_file = os.path.abspath(args.consul_token_file)  # no symlink resolved: rotation
         try:
-            token = Path(args.consul_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError([f"--consul-token-file: cannot read: {exc.strerror}"]) from exc
+            token = file_secret(token_file)
+        except ValueError as exc:
+            raise ConfigError([f"--consul-token-file: {exc}"]) from exc
     return ConsulSettings(
         address=args.consul_addr,
         token=token,
+        token_file=token_file,
         prefix=args.consul_prefix,
         session_ttl=args.consul_session_ttl,
         advertise=advertise,
     )
+
+
+def shutdown_deadline(topology: Topology) -> float:
+    """How long SIGTERM waits for the writes in flight: the largest write deadline of the
+    clusters. The Helm chart derives terminationGracePeriodSeconds from the same rule."""
+    return max((write_deadline(c) for c in topology.clusters.values()), default=60.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     router.start()
     log.info("http_listening", port=server.port)
     stop.wait()
-    router.stop()
+    router.stop(timeout=shutdown_deadline(router.topology))
     server.stop()
     log.info("router_stopped")
     return 0
@@ -113,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check-topology", help="validate a topology file; exit 0 or 1")
     p_check.add_argument("file")
     p_check.add_argument("--datacenter", default=None)
+    commands.add_parsers(sub)  # status, drain, undrain, backfill
     args = parser.parse_args(argv)
     if args.cmd == "check-topology":
         return check_topology_main(args.file, args.datacenter)
+    if args.cmd in commands.COMMANDS:
+        return commands.run(args, consul_settings)
     faulthandler.enable()  # a crash in a C extension still leaves every thread's stack
     configure_logging(args.log_level)
     try:

@@ -35,9 +35,16 @@ import structlog
 from router.destination import DestinationSpec, DestinationStatus
 from router.errors import RouterError
 from router.lag import GroupLag, RouteLag, StallWatch, Watch
-from router.metrics import Metrics
-from router.policy import ClusterView, Deactivate, RouteView, StartFrom, decide
-from router.status import DESTINATION_STATES, DestinationView, RouteSnapshot, tp_name
+from router.metrics import DESTINATION_STATES, Metrics
+from router.offsets import TopicPart
+from router.policy import Action, ClusterView, Deactivate, RouteView, StartFrom, decide
+from router.status import (
+    DestinationView,
+    PartitionView,
+    Rate,
+    RouteSnapshot,
+    tp_name,
+)
 from router.topology import ClusterConfig, KafkaConfig, RouteConfig, Topology
 
 log = structlog.get_logger("router")
@@ -120,6 +127,9 @@ class RouteRuntime:
     stalls: dict[str, StallWatch] = field(default_factory=dict)
     hurried: bool = False
     since: float = field(default_factory=time.time)
+    rates: dict[str, Rate] = field(default_factory=dict)  # cluster -> points/s
+    active_since: float = 0.0  # wall-clock time the active set last changed
+    active_reason: str = "no decision yet"
 
     @property
     def config(self) -> RouteConfig:
@@ -240,7 +250,7 @@ class ControlLoop:
             for rt in routes:
                 if views is not None:
                     self._step(rt, views, now)
-            published = {rt.config.name: self._snapshot(rt, now) for rt in routes}
+            published = {rt.config.name: self._snapshot(rt, now, views or {}) for rt in routes}
             self._published = published
         self.last_tick = self._wall()
 
@@ -266,7 +276,23 @@ class ControlLoop:
 
     def _decide(self, rt: RouteRuntime, views: Mapping[str, ClusterView], now: float) -> None:
         route = route_view(rt.config)
-        actions = decide(route, views, frozenset(rt.active), self._primary_lag(rt, now))
+        before = frozenset(rt.active)
+        actions = decide(route, views, before, self._primary_lag(rt, now))
+        try:
+            self._carry_out(rt, route, views, actions, now)
+        finally:
+            if frozenset(rt.active) != before or not rt.active_since:
+                rt.active_since = self._wall()
+                rt.active_reason = active_reason(route, before, rt.active, actions, views)
+
+    def _carry_out(
+        self,
+        rt: RouteRuntime,
+        route: RouteView,
+        views: Mapping[str, ClusterView],
+        actions: list[Action],
+        now: float,
+    ) -> None:
         for action in actions:
             dest = rt.destinations[action.cluster]
             if isinstance(action, Deactivate):
@@ -356,9 +382,12 @@ class ControlLoop:
 
     # --- what the pass shows --------------------------------------------------------------
 
-    def _snapshot(self, rt: RouteRuntime, now: float) -> RouteSnapshot:
+    def _snapshot(
+        self, rt: RouteRuntime, now: float, clusters: Mapping[str, ClusterView]
+    ) -> RouteSnapshot:
         name = rt.config.name
         snap = self._lag.latest(name)
+        wall = self._wall()
         views = []
         for cluster, dest in rt.destinations.items():
             st = dest.status
@@ -369,7 +398,11 @@ class ControlLoop:
                 after = self._stall_after
                 watch = rt.stalls[cluster] = StallWatch(after or dest.spec.write_deadline)
             self._watch_stall(rt, cluster, watch, reading=reading, st=st, serving=serving)
-            self._publish_metrics(name, cluster, st, reading, stalled=bool(watch.stalled))
+            lag_seconds = reading.seconds(wall) if reading is not None else None
+            self._publish_metrics(
+                name, cluster, st, reading, stalled=bool(watch.stalled), lag_seconds=lag_seconds
+            )
+            rate = rt.rates.setdefault(cluster, Rate())
             views.append(
                 DestinationView(
                     cluster=cluster,
@@ -379,6 +412,9 @@ class ControlLoop:
                     lag_age=now - reading.read_at if reading is not None else None,
                     stalled=watch.stalled,
                     stalled_for=watch.stalled_for,
+                    points_per_s=rate.update(now, st.points_written),
+                    lag_seconds=lag_seconds,
+                    partitions=partition_views(snap, reading, st, watch.stalled, wall),
                 )
             )
         return RouteSnapshot(
@@ -393,6 +429,9 @@ class ControlLoop:
             destinations=tuple(views),
             handoff=tuple(sorted(rt.waiting)),
             lag_error=snap.error if snap is not None else "",
+            active_since=rt.active_since,
+            active_reason=rt.active_reason,
+            usable=tuple(c for c in rt.config.destinations if c in clusters and clusters[c].usable),
         )
 
     def _watch_stall(
@@ -432,10 +471,13 @@ class ControlLoop:
         reading: GroupLag | None,
         *,
         stalled: bool,
+        lag_seconds: float | None = None,
     ) -> None:
         m = self._metrics
         labels = {"route": route, "cluster": cluster}
         m.oldest_unsettled.labels(**labels).set(st.oldest_unsettled)
+        if lag_seconds is not None:
+            m.consumer_lag_seconds.labels(**labels).set(lag_seconds)
         m.destination_stalled.labels(**labels).set(1 if stalled else 0)
         for state in {*DESTINATION_STATES, st.state}:
             m.destination_state.labels(**labels, state=state).set(1 if state == st.state else 0)
@@ -457,6 +499,8 @@ class ControlLoop:
                 m.oldest_unsettled.remove(name, cluster)
             with contextlib.suppress(KeyError):
                 m.destination_stalled.remove(name, cluster)
+            with contextlib.suppress(KeyError):
+                m.consumer_lag_seconds.remove(name, cluster)
             for state in states:
                 with contextlib.suppress(KeyError):
                     m.destination_state.remove(name, cluster, state)
@@ -464,3 +508,84 @@ class ControlLoop:
             for topic in {t for t, _p in reading.lag} if reading is not None else ():
                 with contextlib.suppress(KeyError):
                     m.consumer_lag.remove(name, cluster, topic)
+
+
+def partition_views(
+    snap: RouteLag | None,
+    reading: GroupLag | None,
+    st: DestinationStatus,
+    stalled: tuple[TopicPart, ...],
+    wall: float,
+) -> tuple[PartitionView, ...]:
+    """Every partition of the route as one destination sees it (the per-partition table)."""
+    parts = sorted({*(snap.partitions if snap is not None else ()), *st.assigned})
+    marks = snap.marks if snap is not None else {}
+    ages = reading.ages(wall) if reading is not None else {}
+    assigned, paused, bad = set(st.assigned), set(st.paused), set(stalled)
+    out = []
+    for tp in parts:
+        pos = reading.committed.get(tp) if reading is not None else None
+        mark = marks.get(tp)
+        out.append(
+            PartitionView(
+                tp=tp,
+                committed=pos if pos is not None and pos >= 0 else None,
+                end=mark.high if mark is not None else None,
+                lag=reading.lag.get(tp) if reading is not None else None,
+                lag_seconds=ages.get(tp),
+                assigned=tp in assigned,
+                paused=tp in paused,
+                last_write=st.last_write.get(tp),
+                stalled=tp in bad,
+            )
+        )
+    return tuple(out)
+
+
+def active_reason(  # noqa: PLR0911 (one answer per kind of change)
+    route: RouteView,
+    before: frozenset[str],
+    after: Iterable[str],
+    actions: Iterable[Action],
+    views: Mapping[str, ClusterView],
+) -> str:
+    """Why the route's active set is what it is after a decision, in an operator's words."""
+    now = [c for c in route.destinations if c in set(after)]
+    acts = list(actions)
+    if not now:
+        down = [
+            f"{c}: {views[c].reason or 'down'}" if c in views else f"{c}: unknown"
+            for c in route.destinations
+            if c not in views or not views[c].usable
+        ]
+        draining = [a.cluster for a in acts if isinstance(a, Deactivate) and a.graceful]
+        if draining:
+            return f"handing off: {', '.join(draining)} flushing ({acts[0].reason})"
+        return "no usable cluster" + (f" ({'; '.join(down)})" if down else "")
+    if route.mode == "mirror":
+        return f"writing to {', '.join(now)}" + (f"; {acts[-1].reason}" if acts and before else "")
+    primary = route.primary
+    takeover = next(
+        (a for a in acts if not isinstance(a, Deactivate) and a.start is StartFrom.TAKEOVER),
+        None,
+    )
+    if takeover is not None:
+        return f"failed over to {takeover.cluster}: {takeover.reason}"
+    if not before and now == [primary]:
+        return f"started on the primary {primary}"
+    if primary in now and len(now) > 1:
+        others = ", ".join(c for c in now if c != primary)
+        return f"{primary} back: replaying its backlog while {others} keeps the stream"
+    handback = next(
+        (
+            a
+            for a in acts
+            if isinstance(a, Deactivate) and a.cluster != primary and now == [primary]
+        ),
+        None,
+    )
+    if handback is not None:
+        return f"handed back to {primary}: {handback.reason}"
+    if acts:
+        return acts[-1].reason
+    return f"writing to {', '.join(now)}"

@@ -52,6 +52,7 @@ from router.backoff import backoff_delay
 from router.batch import Batch, Batcher
 from router.errors import SourceError
 from router.graphite import GraphiteConverter
+from router.guard import Guard
 from router.kafka import DeadLetter
 from router.metrics import Metrics
 from router.offsets import (
@@ -113,6 +114,7 @@ class DestinationSpec:
     graphite_templates: tuple[str, ...] = ()  # set: messages are graphite, converted first
     stamp_missing: bool = False  # a line without a timestamp gets its message's timestamp
     precision: Precision = "ns"  # of the writes (graphite: always ns), for stamp_missing
+    guard: Guard | None = None  # the route's block rules / cardinality limits (router.guard)
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,7 @@ class Destination:
         live = self._live
         stamp = self.spec.stamp_missing
         precision = self.spec.precision
+        guard = self.spec.guard
         batcher = self._batcher
         max_points, max_bytes = batcher.max_points, batcher.max_bytes
         b = batcher.current
@@ -406,6 +409,10 @@ class Destination:
             value = msg.value()
             if not value:
                 continue  # nothing to write: ``seen`` still moves the commit past it
+            if guard is not None:
+                value = self._guarded(tp, offset, value, guard)
+                if not value:
+                    continue  # every line refused: ``seen`` still moves the commit past it
             if stamp and lacks_timestamp(value):
                 ts = kafka_time(msg.timestamp(), precision)
                 if ts is not None:  # a message without a timestamp: InfluxDB's arrival time
@@ -461,6 +468,8 @@ class Destination:
             payload = bytes(value) if value else b""
             if payload and self._graphite is not None:
                 payload = self._from_graphite(tp, offset, payload, msg)
+            if payload and self.spec.guard is not None:
+                payload = self._guarded(tp, offset, payload, self.spec.guard)
             if not payload:
                 self._batcher.current.advance(tp, offset)  # nothing to write: still commits
                 continue
@@ -479,6 +488,17 @@ class Destination:
                 for line, reason in bad
             )
         return lines
+
+    def _guarded(self, tp: TopicPart, offset: int, payload: bytes, guard: Guard) -> bytes:
+        """The lines the route's guard lets through; refused ones ride along to the dead
+        letters (reason ``blocked:<rule>`` or ``cardinality:<measurement>``)."""
+        kept, refused = guard.check(payload)
+        if refused:
+            self._batcher.current.dead.extend(
+                DeadLetter(line, reason, tp[0], tp[1], offset, self.spec.cluster, self.spec.route)
+                for line, reason in refused
+            )
+        return kept
 
     def _out_of_range(self, tps: list[TopicPart]) -> None:
         """A partition's next offset was deleted (retention) while we were reading it.

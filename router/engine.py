@@ -40,6 +40,7 @@ from router.control import (
 )
 from router.destination import Destination, DestinationSpec
 from router.errors import ConfigError, RouterError
+from router.guard import Guards
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
 from router.membership import RouteMembership
@@ -77,6 +78,7 @@ def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
     return InfluxTarget(
         cluster=name,
         api=cluster.api,
+        flavor=cluster.flavor,
         database=cluster.database,
         retention_policy=cluster.retention_policy,
         org=cluster.org,
@@ -91,7 +93,9 @@ def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
 
 def health_specs(topology: Topology) -> dict[str, ClusterSpec]:
     return {
-        name: ClusterSpec(api=c.api, nodes=tuple(c.urls), min_healthy=c.min_healthy)
+        name: ClusterSpec(
+            api=c.api, nodes=tuple(c.urls), min_healthy=c.min_healthy, flavor=c.flavor
+        )
         for name, c in topology.clusters.items()
     }
 
@@ -105,6 +109,7 @@ def cluster_sources(topology: Topology) -> dict[str, ClusterSource]:
             discovery=DiscoverySpec(c.consul_service, c.consul_tag, c.consul_datacenter)
             if c.consul_service
             else None,
+            flavor=c.flavor,
         )
         for name, c in topology.clusters.items()
     }
@@ -124,7 +129,10 @@ def needs_consul(topology: Topology, consul: ConsulSettings | None) -> None:
 
 
 def write_deadline(cluster: ClusterConfig) -> float:
-    """How long one batch may take with its retries (bisection of a 400 makes more requests)."""
+    """How long one batch may take with its retries (bisection of a 400 makes more requests):
+    the topology's ``write_deadline``, else derived from the timeout and the retries."""
+    if cluster.write_deadline is not None:
+        return cluster.write_deadline
     return max(60.0, 4 * (cluster.max_retries + 1) * cluster.write_timeout)
 
 
@@ -158,6 +166,8 @@ class Router:
         self._retired_kafka = Retired()
         self._kafka_error = ""  # why the last kafka: section could not be applied
         self.metrics.topology_valid.set(1)  # the topology we start with is valid
+        for name in topology.clusters:
+            self.metrics.init_cluster(name)
         self._own_health: HealthChecker | None = None
         self.shared: SharedVerdict | None = None
         if verdicts is None:
@@ -192,7 +202,10 @@ class Router:
             interval=lag_interval,
             fast_interval=tick,
             read_timeout=lag_timeout,
+            peek=lambda wanted, timeout: self._kafka.admin.timestamps(wanted, timeout=timeout),
         )
+        self._guards = Guards()  # one per route, shared by its destinations (router.guard)
+        self.metrics.watch_guards(self._guards.stats)
         self._factory = destinations or self.build_destination
         self._control = ControlLoop(
             views=self.cluster_views,
@@ -301,6 +314,7 @@ class Router:
         current = self._kafka
         try:
             if current.matches(new.kafka):
+                self._kafka_error = ""  # e.g. a refused section reverted
                 return new, None
             fresh = KafkaClients.build(new.kafka, current.generation + 1)
         except RouterError as exc:
@@ -371,6 +385,7 @@ class Router:
             graphite_templates=route.graphite_templates if route.format == "graphite" else (),
             stamp_missing=route.stamp_missing_timestamps,
             precision="ns" if route.format == "graphite" else cfg.precision,
+            guard=self._guards.get(route.name, route.guard),
         )
         target = influx_target(cluster, cfg)
         if route.format == "graphite":  # converted lines carry nanosecond timestamps
@@ -426,6 +441,7 @@ class Router:
         # The rebuilder starts a route only once its old destinations left their groups: the
         # old membership has nobody left to hand partitions to, so it leaves first.
         self._retire_membership(plan.name)
+        self.metrics.init_route(plan.name, plan.config.destinations, plan.config.topics)
         dests = {c: self._factory(plan, c) for c in plan.config.destinations}
         for dest in dests.values():
             dest.start()
@@ -521,6 +537,9 @@ class Router:
             drained = self._drained(name)
             views[name] = ClusterView(healthy=healthy, drained=drained, reason=reason)
             self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
+            if self.shared is None:  # no shared verdict: this replica's probes are the verdict
+                up = v.state is ClusterState.UP
+                self.metrics.cluster_reachable.labels(cluster=name).set(1 if up else 0)
             self.metrics.cluster_drained.labels(cluster=name).set(1 if drained else 0)
         self._publish_consul_metrics()
         return views
@@ -596,6 +615,8 @@ class Router:
         elif self._own_health is not None:
             self._own_health.update(health_specs(new))
         self.topology = new
+        for n in new.clusters:
+            self.metrics.init_cluster(n)
         drains = sorted(n for n, c in new.clusters.items() if c.drain)
         log.info(
             "topology_reloaded",
@@ -654,6 +675,15 @@ class Router:
         }
         last = self.last_tick
         problems = self._problems(routes)
+        m = self.metrics
+        totals = status.counter_totals(
+            {
+                "dead_letters": m.dead_letters,
+                "retention_lost": m.retention_lost,
+                "skipped": m.skipped,
+                "failovers": m.failovers,
+            }
+        )
         return {
             "datacenter": topology.datacenter,
             "verdict": verdict,
@@ -670,5 +700,7 @@ class Router:
             "problems": problems,
             "warnings": status.health_warnings(routes),
             "clusters": status.clusters_json(topology, self.verdicts, self._drained, misconfigured),
-            "routes": [status.route_json(r) for r in routes],
+            "totals": status.grand_totals(totals),
+            "routes": [status.route_json(r, totals) for r in routes],
+            "guards": self._guards.status(),
         }

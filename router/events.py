@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -78,8 +78,9 @@ class RecentEvents:
 RECENT = RecentEvents()
 
 
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stdout, one event per state change, with a timestamp and level."""
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """JSON lines on stdout (or ``stream``), one event per state change, with a timestamp and
+    level."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -92,6 +93,6 @@ def configure_logging(level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=True,
     )

@@ -13,6 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +28,14 @@ class Observable(Protocol):
     def ready(self) -> bool: ...
     def health(self) -> tuple[str, list[str]]: ...
     def status(self) -> dict[str, Any]: ...
+
+
+def _drop_partitions(body: dict[str, Any]) -> None:
+    """The per-partition tables only on demand (``/api/status?partitions``): they grow with
+    partitions x destinations, and the page asks for them only while one is open."""
+    for route in body.get("routes", ()):
+        for dest in route.get("destinations", ()):
+            dest.pop("partitions", None)
 
 
 def _page() -> bytes:
@@ -70,7 +79,7 @@ class StatusServer:
         self._thread.join(5)
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
-        path = req.path.split("?", 1)[0]
+        path, _, query = req.path.partition("?")
         r = self.router
         if r is None:
             self._send(req, 503, b"starting\n", "text/plain")
@@ -89,6 +98,8 @@ class StatusServer:
             self._send(req, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
         elif path == "/api/status":
             body = {**r.status(), "events": RECENT.snapshot()[-50:]}
+            if "partitions" not in parse_qs(query, keep_blank_values=True):
+                _drop_partitions(body)
             self._send(req, 200, json.dumps(body).encode(), "application/json")
         elif path in ("/", "/index.html"):
             self._send(req, 200, _page(), "text/html; charset=utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import threading
 import time
@@ -61,6 +62,7 @@ class KafkaAdmin:
         self._timeout = timeout
         self._readers: dict[str, _Reader] = {}
         self._readers_lock = threading.Lock()
+        self._peek: _Reader | None = None  # reads single messages' timestamps (never commits)
 
     def partitions(self, topics: Iterable[str], *, timeout: float | None = None) -> list[TopicPart]:
         """Every partition of the named topics; a name starting with ``^`` is a regex."""
@@ -158,8 +160,97 @@ class KafkaAdmin:
         with self._readers_lock:
             readers = list(self._readers.values())
             self._readers = {}
+            if self._peek is not None:
+                readers.append(self._peek)
+                self._peek = None
         for reader in readers:
             self._close_reader(reader)
+
+    def _peek_reader(self) -> _Reader:
+        with self._readers_lock:
+            if self._peek is None:
+                self._peek = _Reader(
+                    Consumer(
+                        {
+                            **self._config,
+                            "group.id": "frouter-peek",  # required by librdkafka; never used
+                            "enable.auto.commit": "false",
+                            "enable.auto.offset.store": "false",
+                            "max.partition.fetch.bytes": "65536",
+                            "queued.max.messages.kbytes": "1024",
+                        }
+                    )
+                )
+            return self._peek
+
+    def offsets_at(
+        self, tps: Iterable[TopicPart], when: float, *, timeout: float | None = None
+    ) -> dict[TopicPart, int]:
+        """Per partition, the offset of the first message whose timestamp is at or after
+        ``when`` (seconds since the epoch); the high watermark where there is none."""
+        parts = [TopicPartition(t, p, int(when * 1000)) for t, p in tps]
+        if not parts:
+            return {}
+        wait = self._timeout if timeout is None else timeout
+        reader = self._peek_reader()
+        with reader.lock:
+            try:
+                found = reader.consumer.offsets_for_times(parts, timeout=wait)
+            except KafkaException as exc:
+                raise SourceError(f"cannot look up offsets by time: {exc!r}") from exc
+        out: dict[TopicPart, int] = {}
+        marks: dict[TopicPart, Watermarks] | None = None
+        for tp in found:
+            if tp.error is not None:
+                raise SourceError(f"offset by time of {tp.topic}[{tp.partition}]: {tp.error}")
+            if tp.offset < 0:  # no message that late: the end
+                if marks is None:
+                    marks = self.watermarks([(x.topic, x.partition) for x in found], timeout=wait)
+                out[(tp.topic, tp.partition)] = marks[(tp.topic, tp.partition)].high
+            else:
+                out[(tp.topic, tp.partition)] = tp.offset
+        return out
+
+    def timestamps(
+        self, wanted: Mapping[TopicPart, int], *, timeout: float | None = None
+    ) -> dict[TopicPart, float]:
+        """The timestamp (seconds since the epoch) of the first message at or after the given
+        offset of each partition: with the committed offset, the age of the oldest message a
+        group has not written. One small fetch per partition, by a consumer that is assigned
+        the partitions (it never joins or commits to a group). A partition whose message did
+        not arrive within the deadline, or has no timestamp, is left out."""
+        if not wanted:
+            return {}
+        wait = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        reader = self._peek_reader()
+        got: dict[TopicPart, float] = {}
+        with reader.lock:
+            if reader.closed:
+                return {}
+            consumer = reader.consumer
+            try:
+                consumer.assign([TopicPartition(t, p, o) for (t, p), o in wanted.items()])
+                while len(got) < len(wanted):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    for msg in consumer.consume(num_messages=500, timeout=min(left, 0.2)):
+                        if msg.error() is not None:
+                            continue
+                        tp = (msg.topic() or "", msg.partition() or 0)
+                        kind, ms = msg.timestamp()
+                        if tp in wanted and tp not in got and (msg.offset() or 0) >= wanted[tp]:
+                            if kind != 0 and ms >= 0:  # 0: TIMESTAMP_NOT_AVAILABLE
+                                got[tp] = ms / 1000.0
+                            else:
+                                got[tp] = float("nan")
+            except KafkaException as exc:
+                raise SourceError(f"cannot read message timestamps: {exc!r}") from exc
+            finally:
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    consumer.unassign()
+        return {tp: ts for tp, ts in got.items() if not math.isnan(ts)}  # NaN: no timestamp
 
     def watermarks(
         self, tps: Iterable[TopicPart], *, timeout: float | None = None

@@ -13,12 +13,21 @@ Every ``interval`` seconds every group of every watched route is read. Groups na
 ``hurry`` (the primary of a route whose standby waits for the primary to catch up) are also
 read every ``fast_interval`` seconds, with the partitions of the last full read.
 
+Lag in seconds: on a full read, for each partition where a group has lag, the reader asks
+``peek`` for the timestamp of the message at the group's committed offset (the oldest message
+the group has not written; a group that never committed: the earliest retained one). The
+answer for one (partition, offset) never changes, so it is kept while the committed offset
+stands (a stalled or paused group costs one fetch per partition, not one per read); a group
+that moves costs one small fetch per partition with lag per ``interval``. A hurried read
+only reuses what is known.
+
 ``StallWatch`` is pure: fed one destination's readings, it says which of its assigned
 partitions have lag while their committed offset has stood still for longer than a threshold.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,9 +38,16 @@ import structlog
 
 from router.errors import SourceError
 from router.kafka import lag_of
-from router.offsets import Marks, TopicPart
+from router.offsets import NO_OFFSET, Marks, TopicPart
 
 log = structlog.get_logger("router")
+
+PEEK_TIMEOUT = 1.0  # seconds one read of message timestamps may take (per group and pass)
+
+
+Peek = Callable[[Mapping[TopicPart, int], float], Mapping[TopicPart, float]]
+"""(offset per partition, deadline in seconds) -> timestamp (seconds since the epoch) of the
+message at that offset, per partition it could read (``router.kafka.KafkaAdmin.timestamps``)."""
 
 
 class OffsetReader(Protocol):
@@ -69,10 +85,31 @@ class GroupLag:
     committed: Mapping[TopicPart, int]  # NO_OFFSET where the group never committed
     lag: Mapping[TopicPart, int]  # messages not committed yet, per partition
     read_at: float  # monotonic time the read began (the data is at least this old)
+    # timestamp (seconds since the epoch) of the oldest message not committed, per partition
+    # with lag whose message could be read
+    oldest: Mapping[TopicPart, float] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.lag.values())
+
+    def ages(self, now: float) -> dict[TopicPart, float]:
+        """Seconds the oldest uncommitted message of each partition has waited (``now``: wall
+        clock); 0 for a partition without lag; absent where its timestamp is not known."""
+        out = {tp: 0.0 for tp, n in self.lag.items() if n <= 0}
+        for tp, ts in self.oldest.items():
+            if self.lag.get(tp, 0) > 0:
+                out[tp] = max(0.0, now - ts)
+        return out
+
+    def seconds(self, now: float) -> float | None:
+        """Age of the oldest message the group has not committed, over every partition: 0
+        without lag, None when lag exists but no timestamp is known for it."""
+        if self.total <= 0:
+            return 0.0
+        ages = self.ages(now)
+        known = [ages[tp] for tp, n in self.lag.items() if n > 0 and tp in ages]
+        return max(known) if known else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +120,7 @@ class RouteLag:
     groups: Mapping[str, GroupLag] = field(default_factory=dict)  # cluster -> reading
     error: str = ""  # the last read's error, "" once a read succeeded again
     error_at: float = 0.0
+    marks: Mapping[TopicPart, Marks] = field(default_factory=dict)  # of the last good read
 
     def reading(self, cluster: str, now: float, max_age: float) -> GroupLag | None:
         """The cluster's reading if it is at most ``max_age`` seconds old, else None."""
@@ -101,8 +139,13 @@ class LagReader:
         fast_interval: float = 0.25,
         read_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        peek: Peek | None = None,
     ) -> None:
+        """``peek`` reads message timestamps (lag in seconds); None: lag in messages only."""
         self._admin = admin
+        self._peek = peek
+        # (route, cluster) -> partition -> (offset, its message's timestamp); lag thread only
+        self._stamps: dict[tuple[str, str], dict[TopicPart, tuple[int, float]]] = {}
         self.interval = interval
         self._fast = fast_interval
         self._timeout = read_timeout
@@ -191,7 +234,7 @@ class LagReader:
                 parts = tuple(self._admin.partitions(w.topics, timeout=self._timeout))
             marks = self._admin.watermarks(parts, timeout=self._timeout)
         except SourceError as exc:
-            self._publish(w, RouteLag(prev.partitions, prev.groups, str(exc), started))
+            self._publish(w, RouteLag(prev.partitions, prev.groups, str(exc), started, prev.marks))
             return
         groups = dict(prev.groups)
         errors = []
@@ -201,9 +244,48 @@ class LagReader:
             except SourceError as exc:
                 errors.append(str(exc))
                 continue
-            groups[cluster] = GroupLag(committed, lag_of(committed, marks), started)
+            lag = lag_of(committed, marks)
+            oldest = self._oldest(
+                w.route, cluster, committed, lag, marks, fetch=not reuse_partitions
+            )
+            groups[cluster] = GroupLag(committed, lag, started, oldest)
         error = "; ".join(errors)
-        self._publish(w, RouteLag(parts, groups, error, started if error else 0.0))
+        self._publish(w, RouteLag(parts, groups, error, started if error else 0.0, marks))
+
+    def _oldest(
+        self,
+        route: str,
+        cluster: str,
+        committed: Mapping[TopicPart, int],
+        lag: Mapping[TopicPart, int],
+        marks: Mapping[TopicPart, Marks],
+        *,
+        fetch: bool,
+    ) -> dict[TopicPart, float]:
+        """The timestamp of the oldest uncommitted message per partition with lag (see the
+        module docstring); known ones are reused, the others read if ``fetch``."""
+        if self._peek is None:
+            return {}
+        known = self._stamps.get((route, cluster), {})
+        wanted = {
+            tp: max(committed.get(tp, NO_OFFSET), marks[tp].low)
+            for tp, n in lag.items()
+            if n > 0 and tp in marks
+        }
+        stamps = {tp: known[tp] for tp, o in wanted.items() if tp in known and known[tp][0] == o}
+        missing = {tp: o for tp, o in wanted.items() if tp not in stamps}
+        if missing and fetch and not self._stop.is_set():
+            try:
+                got = self._peek(missing, min(self._timeout, PEEK_TIMEOUT))
+            except SourceError as exc:
+                log.debug("lag_timestamps_failed", route=route, cluster=cluster, error=str(exc))
+            else:
+                # a partition whose message did not come (only transaction markers left, no
+                # timestamp) is remembered as unknown too: not asked again at this offset
+                stamps.update({tp: (o, got.get(tp, math.nan)) for tp, o in missing.items()})
+        if fetch:
+            self._stamps[(route, cluster)] = stamps
+        return {tp: ts for tp, (_o, ts) in stamps.items() if not math.isnan(ts)}
 
     def _publish(self, w: Watch, reading: RouteLag) -> None:
         with self._lock:

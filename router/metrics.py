@@ -5,10 +5,38 @@ Labels are bounded: route, cluster, topic, outcome. Never a URL or an error text
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from router.guard import GuardStats
+
+# The closed label values of the labelled series (each exposed with 0 from the start).
+BATCH_OUTCOMES = ("ok", "failed", "misconfigured", "dead_letter_error")
+FAILURE_REASONS = ("unavailable", "timeout", "misconfigured", "dead_letter", "internal")
+RELOAD_OUTCOMES = ("applied", "rejected")
+# The states a destination reports (frouter_destination_state has one series per state).
+DESTINATION_STATES = (
+    "starting",
+    "paused",
+    "active",
+    "draining",
+    "backoff",
+    "blocked",
+    "stopped",
+    "crashed",
+    "closed",
+)
 
 
 class Metrics:
+    """Every metric of the router. ``init_route`` and ``init_cluster`` expose each labelled
+    series with 0 (or its neutral value) as soon as a route is built, so ``rate()`` and
+    ``absent()`` alert rules work from the first scrape."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -34,6 +62,12 @@ class Metrics:
             "frouter_consumer_lag_messages",
             "Messages not yet committed by the destination group",
             [*rc, "topic"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "frouter_consumer_lag_seconds",
+            "Age of the oldest message the destination group has not committed (0: no lag)",
+            rc,
             registry=r,
         )
         self.paused_partitions = Gauge(
@@ -145,4 +179,131 @@ class Metrics:
             "Failed batches by reason (unavailable, timeout, misconfigured, dead_letter, internal)",
             [*rc, "reason"],
             registry=r,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.topology_reloads.labels(outcome=outcome)
+
+    def watch_guards(self, source: Callable[[], Mapping[str, GuardStats]]) -> None:
+        """Expose the route guards' counters (``GuardCollector``), read from ``source`` at
+        scrape time; a second call replaces the source."""
+        collector = getattr(self, "_guard_collector", None)
+        if collector is None:
+            collector = GuardCollector(source)
+            self.registry.register(collector)
+            self._guard_collector = collector
+        collector.source = source
+
+    def init_cluster(self, cluster: str) -> None:
+        """The cluster's series, before its first verdict (not up, not drained, reachable)."""
+        self.cluster_up.labels(cluster=cluster)
+        self.cluster_drained.labels(cluster=cluster)
+        self.cluster_reachable.labels(cluster=cluster)
+
+    def init_route(self, route: str, clusters: Iterable[str], topics: Iterable[str]) -> None:
+        """Every (route, cluster) series of a route just built; per topic only for topics
+        named literally (a regex's topics are known once the lag reader found them)."""
+        named = [t for t in topics if not t.startswith("^")]
+        for cluster in clusters:
+            rc = {"route": route, "cluster": cluster}
+            for counter in (
+                self.points_written,
+                self.messages_written,
+                self.failovers,
+                self.dead_letter_errors,
+            ):
+                counter.labels(**rc)
+            for gauge in (
+                self.in_flight,
+                self.paused_partitions,
+                self.assigned_partitions,
+                self.destination_active,
+                self.sink_misconfigured,
+                self.oldest_unsettled,
+                self.destination_stalled,
+                self.consumer_lag_seconds,
+            ):
+                gauge.labels(**rc)
+            self.write_seconds.labels(**rc)
+            for outcome in BATCH_OUTCOMES:
+                self.batches.labels(**rc, outcome=outcome)
+            for state in DESTINATION_STATES:
+                self.destination_state.labels(**rc, state=state)
+            for reason in FAILURE_REASONS:
+                self.batch_failures.labels(**rc, reason=reason)
+            for topic in named:
+                self.consumer_lag.labels(**rc, topic=topic)
+                self.dead_letters.labels(**rc, topic=topic)
+                self.retention_lost.labels(**rc, topic=topic)
+                self.skipped.labels(**rc, topic=topic)
+
+
+class GuardCollector:
+    """The route guards (``router.guard``) as metrics, built from their snapshots at scrape
+    time, so the data path pays nothing for them.
+
+    Labels stay bounded: ``route``, and ``rule`` (names an operator wrote in the topology).
+    The measurement is not a label (one exploding producer would make one series per
+    measurement here too): per-measurement figures are on ``/api/status`` (top offenders).
+    """
+
+    def __init__(self, source: Callable[[], Mapping[str, GuardStats]]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        blocked, refused, new, series, measurements, limited = families
+        for route, st in self.source().items():
+            for rule, lines in st.blocked.items():
+                blocked.add_metric([route, rule], lines)
+            refused.add_metric([route], st.refused)
+            new.add_metric([route], st.new_series)
+            series.add_metric([route], st.series)
+            measurements.add_metric([route], st.measurements)
+            limited.add_metric([route], st.limited)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> tuple[
+        CounterMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+    ]:
+        route = ["route"]
+        return (
+            CounterMetricFamily(
+                "frouter_guard_blocked_lines",
+                "Lines a block rule refused (dead-lettered as blocked:<rule>)",
+                labels=["route", "rule"],
+            ),
+            CounterMetricFamily(
+                "frouter_guard_cardinality_refused_lines",
+                "Lines refused because they would create a series over a limit "
+                "(dead-lettered as cardinality:<measurement>)",
+                labels=route,
+            ),
+            CounterMetricFamily(
+                "frouter_guard_new_series",
+                "Series the cardinality guard let through as new",
+                labels=route,
+            ),
+            GaugeMetricFamily(
+                "frouter_guard_series", "Series the cardinality guard tracks now", labels=route
+            ),
+            GaugeMetricFamily(
+                "frouter_guard_measurements",
+                "Measurements the cardinality guard tracks now",
+                labels=route,
+            ),
+            GaugeMetricFamily(
+                "frouter_guard_limited_measurements",
+                "Measurements that had a line refused for cardinality in the last minute "
+                "(which ones: /api/status)",
+                labels=route,
+            ),
         )

@@ -311,10 +311,13 @@ class Reloader:
         rebuilder: Rebuilder,
         metrics: Metrics,
         interval: float = 0.25,
+        each_pass: Callable[[], None] = lambda: None,
     ) -> None:
         """``load`` reads and validates the file (raises ConfigError); ``apply`` carries out
-        a valid topology (on this thread)."""
+        a valid topology (on this thread); ``each_pass`` runs on this thread after every look
+        at the file (the router's watch of the Kafka secrets)."""
         self._path = path
+        self._each_pass = each_pass
         self._load = load
         self._apply = apply
         self._rebuilder = rebuilder
@@ -357,6 +360,7 @@ class Reloader:
         for topology in (submitted, new):
             if topology is not None:
                 self._apply(topology)
+        self._each_pass()
         self._rebuilder.advance()
 
     def _hash_file(self) -> str:

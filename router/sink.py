@@ -13,18 +13,45 @@ transport error, unexpected status     node after ``backoff(n)``; after ``max_re
                                        retries: ``SinkUnavailable`` (``SinkTimeout`` when the
                                        last failure was a timeout)
 400 (partial write / unable to parse)  isolate the bad lines from the server's own message
-                                       (or by bisection when it does not name them all);
+422 (2.x: partial write)               (or by bisection when it does not name them all);
                                        the good lines are written; bad ones returned as
                                        ``Rejected``
 413                                    split payloads, then lines, in halves; a single line
                                        still too large is ``Rejected``
-401, 403, database/bucket/retention    ``SinkMisconfigured``, never retried
-policy not found, request-level 400
+401, 403, database/bucket/retention    ``SinkMisconfigured``, never retried (a 401/403 is
+policy not found, request-level 400     sent once more if the credentials changed while
+                                       the request was under way)
 =====================================  ==================================================
+
+Credentials come from ``InfluxTarget.credentials``, a callable asked before every request
+(the topology's reader re-reads a secret file only when it changed): a rotated password or
+token is what the next request sends, without rebuilding the sink. ``probe()`` sends an empty
+write with the current credentials: InfluxDB 1.x answers it like a real write (401 bad
+credentials, 403 no write permission, 404 unknown database, 500 unknown retention policy,
+204 accepted) without storing anything.
 
 Lines are only split on the 400/413 path, with InfluxDB 1.x's own scanner rules (a newline
 inside a quoted string field value does not end a line), so the lines the server names match
 ours byte for byte. Nothing from httpx escapes this module.
+
+The answers of the servers this module knows (the unit tests pin each one):
+
+- InfluxDB 1.x (1.6 and 1.8, on ``/write`` and 1.8's ``/api/v2/write`` alike): 400
+  ``{"error": "partial write: unable to parse '<line>': <why>\nunable to parse ... dropped=0"}``
+  (every other line written), or without ``partial write:`` when no line was; a type conflict
+  is ``partial write: field type conflict: ... dropped=N`` and names no line.
+- InfluxDB 1.x past its ``max-series-per-database`` (inmem index): 400 ``{"error": "partial
+  write: max-series-per-database limit exceeded: (N) dropped=M"}`` names no line either: it is
+  bisected, a part whose every line was dropped is refused at once with reason
+  ``max-series-per-database limit exceeded: (N)``, and the node is not blamed (a 400).
+- InfluxDB 2.x (from its source; not run here): a parse error refuses the whole request, 400
+  ``{"code": "invalid", "message": "unable to parse '<line>': <why>..."}``; a type conflict
+  is 422 ``{"code": "unprocessable entity", "message": "failure writing points to database:
+  partial write: ... dropped=N"}``: the wrapper is dropped, and it is read as 1.x's.
+- VictoriaMetrics (``flavor: victoriametrics``) refuses the whole request at its first bad
+  line, 400 ``cannot process influx line protocol data: incorrect influx line "<that line and
+  all later ones, Go-quoted>": <why>; see ...``: that line is named, the rest sent again. It
+  reads an unknown ``precision`` (1.x's ``n``) by the timestamp's size, so it gets ``ns``.
 """
 
 from __future__ import annotations
@@ -44,9 +71,16 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from router.errors import SinkMisconfigured, SinkTimeout, SinkUnavailable
+from router.errors import ConfigError, SinkMisconfigured, SinkTimeout, SinkUnavailable
 
-__all__ = ["TOO_LARGE_REASON", "InfluxSink", "InfluxTarget", "Rejected", "default_backoff"]
+__all__ = [
+    "TOO_LARGE_REASON",
+    "Credentials",
+    "InfluxSink",
+    "InfluxTarget",
+    "Rejected",
+    "default_backoff",
+]
 
 log = structlog.get_logger("router.sink")
 
@@ -59,7 +93,16 @@ _PRECISIONS = frozenset(_V1_PRECISION)
 
 _PARTIAL_PREFIX = "partial write: "
 _PARSE_PREFIX = "unable to parse '"
+_V2_WRITE_FAILURE = "failure writing points to database: "  # 2.x's wrapper of a 422
+_VM_PARSE_PREFIX = 'cannot process influx line protocol data: incorrect influx line "'
+_VM_SEE_ALSO = re.compile(r"; see https?://\S*\Z")
+_ABOUT_LINES = (_PARTIAL_PREFIX, _PARSE_PREFIX, _VM_PARSE_PREFIX)  # answers that quote data
+_GO_STRING = re.compile(r'((?:[^"\\]+|\\.)*)"', re.S)  # the rest of a Go-quoted string
+_GO_TOKEN = re.compile(r"[^\\]+|\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.S)
+_GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_GO_ESCAPES.update({"\\": "\\", '"': '"', "'": "'"})
 _DROPPED_SUFFIX = re.compile(r" dropped=(\d+)\Z")
+SERIES_LIMIT_REASON = "max-series-per-database limit exceeded"  # 1.x, inmem index
 _ENTRY_SEPARATOR = re.compile(r"\n(?=unable to parse ')")
 _NOT_FOUND = re.compile(
     r"\b(database|bucket|org|organization|retention policy)\b[^\n]{0,200}\bnot found\b", re.I
@@ -75,11 +118,30 @@ _MESSAGE_LIMIT = 300  # characters of a server answer quoted in an exception mes
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """v1 basic auth (username and password) and/or a v2 token, as read now. Never shown."""
+
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every value that must not appear in an error or a log line."""
+        return tuple(s for s in (self.password, self.token, self.username) if s)
+
+
+@dataclass(frozen=True)
 class InfluxTarget:
-    """What the sink needs of one cluster; the engine builds it from the topology."""
+    """What the sink needs of one cluster; the engine builds it from the topology.
+
+    ``credentials``, when given, is asked before every request (it must be cheap when nothing
+    changed, and may raise ConfigError when a secret cannot be read); otherwise ``username``,
+    ``password`` and ``token`` are used as they are.
+    """
 
     cluster: str
     api: Literal["v1", "v2"]
+    flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
     database: str | None = None
     retention_policy: str | None = None
     org: str | None = None
@@ -91,10 +153,19 @@ class InfluxTarget:
     timeout: float = 5.0
     max_retries: int = 3
     gzip: bool = True
+    credentials: Callable[[], Credentials] | None = field(default=None, repr=False, compare=False)
+
+    def current_credentials(self) -> Credentials:
+        """The credentials to send now. Raises ConfigError if a secret cannot be read."""
+        if self.credentials is not None:
+            return self.credentials()
+        return Credentials(self.username, self.password, self.token)
 
     def __post_init__(self) -> None:
         if self.api not in ("v1", "v2"):
             raise ValueError(f"{self.cluster}: api must be v1 or v2, got {self.api!r}")
+        if self.flavor not in ("influxdb", "victoriametrics"):
+            raise ValueError(f"{self.cluster}: unknown flavor {self.flavor!r}")
         if self.api == "v1" and not self.database:
             raise ValueError(f"{self.cluster}: a v1 target needs a database")
         if self.api == "v2" and not self.bucket:
@@ -126,6 +197,17 @@ def default_backoff(attempt: int) -> float:
 _Unit = tuple[int, bytes]
 
 
+@dataclass(frozen=True)
+class _Auth:
+    """What one set of credentials is sent as: basic auth (v1) or an Authorization header."""
+
+    auth: httpx.Auth
+    headers: dict[str, str]
+
+
+_NO_AUTH = httpx.Auth()  # the base class sends the request as it is
+
+
 class InfluxSink:
     """Writes batches to one InfluxDB cluster. Safe to call from several threads at once."""
 
@@ -144,24 +226,21 @@ class InfluxSink:
         self._on_node_result = on_node_result
         self._backoff = backoff
         self._sleep = sleep
-        self._secrets = tuple(s for s in (target.password, target.token, target.username) if s)
+        # the credentials of the last request and what they are sent as (replaced as a whole)
+        self._auth: tuple[Credentials, _Auth] | None = None
+        self._secrets: tuple[str, ...] = ()  # every secret sent so far: scrubbed from messages
         self._rr = itertools.count()
         self._rr_lock = threading.Lock()
         self._closed = False
         headers = {"Content-Type": "text/plain; charset=utf-8", "User-Agent": "failover-router"}
         if target.gzip:
             headers["Content-Encoding"] = "gzip"
-        auth: httpx.BasicAuth | None = None
-        if target.token:
-            headers["Authorization"] = f"Token {target.token}"
-        elif target.username is not None:
-            auth = httpx.BasicAuth(target.username, target.password or "")
         if target.api == "v1":
             self._path = "/write"
-            self._params = {
-                "db": target.database or "",
-                "precision": _V1_PRECISION[target.precision],
-            }
+            precision: str = target.precision  # VictoriaMetrics: 1.x's "n" means "guess"
+            if target.flavor == "influxdb":
+                precision = _V1_PRECISION[target.precision]
+            self._params = {"db": target.database or "", "precision": precision}
             if target.retention_policy:
                 self._params["rp"] = target.retention_policy
         else:
@@ -171,7 +250,6 @@ class InfluxSink:
                 self._params["org"] = target.org
         self._client = httpx.Client(
             headers=headers,
-            auth=auth,
             # pool=None: waiting for a free connection is back-pressure, not a node failure
             timeout=httpx.Timeout(target.timeout, pool=None),
             transport=transport,
@@ -207,6 +285,43 @@ class InfluxSink:
         rejected = self._write_units(units, are_lines=False)
         return sorted(rejected, key=lambda r: r.index)  # stable: line order within a payload
 
+    def probe(self) -> None:
+        """Would a write be accepted now? An empty write with the current credentials.
+
+        Returns when a node accepted it (2xx; or a 400 about the body, which v2 gives to an
+        empty write once the token and the bucket passed). Raises ``SinkMisconfigured`` when
+        it is refused as a write would be, ``SinkUnavailable`` when no node answered.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        self._send([])
+
+    # --- credentials ------------------------------------------------------------------------
+
+    def _credentials(self) -> tuple[Credentials, _Auth]:
+        """The credentials to send now and their auth/headers (rebuilt only when changed)."""
+        target = self._target
+        try:
+            creds = target.current_credentials()
+        except ConfigError as exc:  # names the key and the file, never the secret
+            raise SinkMisconfigured(
+                f"{target.cluster}: credentials unreadable: {'; '.join(exc.errors)}",
+                cluster=target.cluster,
+            ) from exc
+        current = self._auth
+        if current is not None and current[0] == creds:
+            return current
+        auth = _NO_AUTH
+        headers: dict[str, str] = {}
+        if creds.token:
+            headers["Authorization"] = f"Token {creds.token}"
+        elif creds.username is not None:
+            auth = httpx.BasicAuth(creds.username, creds.password or "")
+        fresh = (creds, _Auth(auth, headers))
+        self._secrets = tuple(dict.fromkeys((*creds.secrets(), *self._secrets)))[:8]
+        self._auth = fresh
+        return fresh
+
     # --- answer sorting --------------------------------------------------------------------
 
     def _write_units(self, units: list[_Unit], *, are_lines: bool) -> list[Rejected]:
@@ -223,12 +338,12 @@ class InfluxSink:
             if len(lines) > 1:
                 return self._write_units(lines, are_lines=True)
             return [Rejected(index, line, TOO_LARGE_REASON) for index, line in lines]
-        # 400: only now are payloads cut into lines
+        # 400 or 422: only now are payloads cut into lines
         return self._isolate(units if are_lines else _lines_of(units), message)
 
     def _isolate(self, lines: list[_Unit], message: str) -> list[Rejected]:
         """Find the bad lines of a 400: by the server's own words, else by bisection."""
-        core, partial, dropped = _unwrap(message)
+        core, partial, dropped = _unwrap(_name_victoriametrics_line(message))
         bad, all_named_matched = _match_named_lines(core, lines)
         if bad:
             rejected = [Rejected(*lines[p], bad[p]) for p in sorted(bad)]
@@ -240,6 +355,8 @@ class InfluxSink:
             return rejected + self._write_units(rest, are_lines=True)
         if not lines:
             return []
+        if len(lines) > 1 and partial and dropped == len(lines) and _over_series_limit(core):
+            return self._past_series_limit(lines, core)
         if len(lines) == 1:
             index, line = lines[0]
             return [Rejected(index, line, core or "HTTP 400")]
@@ -248,13 +365,28 @@ class InfluxSink:
             lines[mid:], are_lines=True
         )
 
+    def _past_series_limit(self, lines: list[_Unit], core: str) -> list[Rejected]:
+        """1.x ``partial write: max-series-per-database limit exceeded: (N) dropped=M`` names no
+        line, and drops every new series of a write that would pass the limit; M was every
+        line, so each is a new series. If the first alone is refused too, the database is full
+        and every other one is refused as well (one more request, not a bisection down to
+        single lines); otherwise there is room: the rest is bisected. Not a node failure."""
+        first = self._write_units(lines[:1], are_lines=True)
+        rest = lines[1:]
+        if first and _over_series_limit(first[0].reason):
+            return first + [Rejected(index, line, core) for index, line in rest]
+        mid = (len(rest) + 1) // 2
+        second = self._write_units(rest[mid:], are_lines=True) if rest[mid:] else []
+        return first + self._write_units(rest[:mid], are_lines=True) + second
+
     # --- one request, retried over the nodes -----------------------------------------------
 
     def _send(self, chunks: list[bytes]) -> tuple[int, str]:
-        """POST the chunks; return (200|204|400|413, server message) or raise a SinkError."""
+        """POST the chunks; return (200|204|400|413|422, server message) or raise a SinkError."""
         target = self._target
         body = _join(chunks)
         content = gzip.compress(body, compresslevel=1, mtime=0) if target.gzip else body
+        self._credentials()  # unreadable: misconfigured before any node is tried
         with self._rr_lock:
             start = next(self._rr)
         failure: SinkUnavailable | None = None
@@ -272,9 +404,7 @@ class InfluxSink:
             node = nodes[(start + attempt) % len(nodes)]
             shown = self._redact_url(node)
             try:
-                resp = self._client.post(
-                    node.rstrip("/") + self._path, params=self._params, content=content
-                )
+                resp = self._post(node, content)
             except httpx.TimeoutException as exc:
                 failure = SinkTimeout(
                     f"{target.cluster}: no answer from {shown} within {target.timeout}s "
@@ -308,7 +438,7 @@ class InfluxSink:
                         cluster=target.cluster,
                         node=shown,
                     )
-                if status in (200, 204, 400, 413):
+                if status in (200, 204, 400, 413, 422):
                     self._report(node, True)
                     return status, message
                 failure = SinkUnavailable(
@@ -330,10 +460,26 @@ class InfluxSink:
         assert failure is not None  # the loop ran at least once and did not return
         raise failure from cause
 
+    def _post(self, node: str, content: bytes) -> httpx.Response:
+        """One POST with the current credentials; a 401/403 is sent once more if the
+        credentials changed while it was under way (a rotation between read and answer)."""
+        url = node.rstrip("/") + self._path
+        creds, auth = self._credentials()
+        resp = self._client.post(
+            url, params=self._params, content=content, auth=auth.auth, headers=auth.headers
+        )
+        if resp.status_code in (401, 403) and self._credentials()[0] != creds:
+            resp.close()
+            auth = self._credentials()[1]
+            resp = self._client.post(
+                url, params=self._params, content=content, auth=auth.auth, headers=auth.headers
+            )
+        return resp
+
     def _misconfigured(self, status: int, message: str) -> bool:
         if status in (401, 403):
             return True
-        if status < 400 or status == 413 or message.startswith((_PARTIAL_PREFIX, _PARSE_PREFIX)):
+        if status < 400 or status == 413 or message.startswith(_ABOUT_LINES):
             return False  # a message about lines quotes them: never read meaning into data
         if _NOT_FOUND.search(message):
             return True  # 404 database/bucket/org not found; 1.x: 500 retention policy not found
@@ -383,7 +529,7 @@ def _server_message(resp: httpx.Response) -> str:
         for key in ("error", "message"):
             value = doc.get(key)
             if isinstance(value, str):
-                return value
+                return value.removeprefix(_V2_WRITE_FAILURE)
     return text.strip() or resp.headers.get("X-Influxdb-Error", "")
 
 
@@ -442,6 +588,11 @@ def _lines_of(units: list[_Unit]) -> list[_Unit]:
     return lines
 
 
+def _over_series_limit(reason: str) -> bool:
+    """InfluxDB 1.x's words for a write past ``max-series-per-database``."""
+    return reason.startswith(SERIES_LIMIT_REASON)
+
+
 def _unwrap(message: str) -> tuple[str, bool, int | None]:
     """Strip 1.x's ``partial write: `` prefix and `` dropped=N`` suffix: (core, partial, N)."""
     partial = message.startswith(_PARTIAL_PREFIX)
@@ -452,6 +603,40 @@ def _unwrap(message: str) -> tuple[str, bool, int | None]:
         dropped = int(found.group(1))
         core = core[: found.start()]
     return core, partial, dropped
+
+
+def _name_victoriametrics_line(message: str) -> str:
+    """VictoriaMetrics' 400 for a bad line, as 1.x's ``unable to parse '<line>': <why>``.
+
+    It quotes (Go's ``%q``) everything from the bad line to the end of the request; the bad
+    line is the quoted text up to its first newline, and nothing of the request was written
+    (so no ``partial write:``). Any other message, or one this cannot read (an invalid UTF-8
+    byte, ``\\x..``; no closing quote), is returned as it is: the lines are then found by
+    bisection.
+    """
+    if not message.startswith(_VM_PARSE_PREFIX):
+        return message
+    quoted = _GO_STRING.match(message, len(_VM_PARSE_PREFIX))
+    if quoted is None or not message.startswith(": ", quoted.end()):
+        return message
+    line: list[str] = []
+    for token in _GO_TOKEN.finditer(quoted.group(1)):
+        escape = token.group(1)
+        if escape is None:
+            line.append(token.group(0))
+            continue
+        if escape[0] in "uU":
+            decoded = chr(int(escape[1:], 16))
+        elif escape in _GO_ESCAPES:
+            decoded = _GO_ESCAPES[escape]
+        else:
+            return message  # \x..: a byte of the request that is not UTF-8
+        if decoded == "\n":
+            break
+        line.append(decoded)
+    why = _VM_SEE_ALSO.sub("", message[quoted.end() + 2 :])
+    named = "".join(line).lstrip(_WHITESPACE.decode())
+    return f"{_PARSE_PREFIX}{named}': {why}"
 
 
 def _match_named_lines(core: str, lines: list[_Unit]) -> tuple[dict[int, str], bool]:

@@ -160,8 +160,7 @@ class _ConsumerSource:
     ) -> None:
         meta = metadata or {}
         tps = [
-            TopicPartition(t, p, o, metadata=meta.get((t, p), ""))
-            for (t, p), o in offsets.items()
+            TopicPartition(t, p, o, metadata=meta.get((t, p), "")) for (t, p), o in offsets.items()
         ]
         if not tps:
             return

@@ -8,6 +8,7 @@ turns them into the status JSON, ``health_problems`` into the reasons ``/healthz
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,17 +18,43 @@ from router.destination import DestinationStatus
 from router.offsets import TopicPart
 from router.topology import Topology
 
-# The states a destination reports (frouter_destination_state has one series per state).
-DESTINATION_STATES = (
-    "starting",
-    "paused",
-    "active",
-    "backoff",
-    "blocked",
-    "stopped",
-    "crashed",
-    "closed",
-)
+RATE_WINDOW = 10.0  # seconds of points/s shown per destination
+
+
+class Rate:
+    """Points per second over the last ``window`` seconds, from a growing total sampled by the
+    control loop (a total that shrinks, a rebuilt destination, starts a new window)."""
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def update(self, now: float, total: int) -> float | None:
+        """Record ``total`` at ``now`` (monotonic); the rate, None until 1 s is covered."""
+        if self._samples and total < self._samples[-1][1]:
+            self._samples.clear()
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+        t0, n0 = self._samples[0]
+        if now - t0 < 1.0:
+            return None
+        return (total - n0) / (now - t0)
+
+
+@dataclass(frozen=True)
+class PartitionView:
+    """One partition of one destination, for the per-partition table."""
+
+    tp: TopicPart
+    committed: int | None  # None: never committed (or not read yet)
+    end: int | None  # high watermark of the last reading
+    lag: int | None
+    lag_seconds: float | None
+    assigned: bool  # owned by this replica
+    paused: bool
+    last_write: float | None  # wall-clock time InfluxDB last took its messages
+    stalled: bool
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,9 @@ class DestinationView:
     stalled: tuple[TopicPart, ...] = ()  # partitions with lag and a standing commit
     stalled_for: float = 0.0
     leaving: bool = False  # an old destination of a route being rebuilt or removed
+    points_per_s: float | None = None  # over the last RATE_WINDOW seconds
+    lag_seconds: float | None = None  # age of the oldest message not committed (None: unknown)
+    partitions: tuple[PartitionView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,9 @@ class RouteSnapshot:
     handoff: tuple[str, ...] = ()  # clusters whose graceful deactivation the route waits for
     lag_error: str = ""  # the lag reader's last error for this route
     waiting_for: tuple[LeaveView, ...] = ()
+    active_since: float = 0.0  # wall-clock time the active set last changed
+    active_reason: str = ""  # why it is what it is ("failed over to b: a down: ...")
+    usable: tuple[str, ...] = ()  # the route's clusters the policy may use now
 
 
 def tp_name(tp: TopicPart) -> str:
@@ -82,8 +115,41 @@ def _age(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-def destination_json(v: DestinationView) -> dict[str, Any]:
+def partition_json(p: PartitionView) -> dict[str, Any]:
+    return {
+        "partition": tp_name(p.tp),
+        "topic": p.tp[0],
+        "index": p.tp[1],
+        "committed": p.committed,
+        "end": p.end,
+        "lag": p.lag,
+        "lag_seconds": _age(p.lag_seconds),
+        "assigned": p.assigned,
+        "paused": p.paused,
+        "last_write": p.last_write,
+        "stalled": p.stalled,
+    }
+
+
+def idle_expected(r: RouteSnapshot, v: DestinationView) -> bool:
+    """A standby of a failover route, not wanted and paused (or never started: a standby
+    gets no command until it is needed): its lag grows on purpose."""
+    return (
+        r.mode == "failover"
+        and v.cluster != r.primary
+        and not v.active
+        and v.status.state in ("paused", "starting")
+    )
+
+
+def destination_json(
+    v: DestinationView,
+    route: RouteSnapshot | None = None,
+    totals: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """One destination; ``totals`` holds its dead-letter / retention-loss / skipped counts."""
     st = v.status
+    t = totals or {}
     return {
         "cluster": v.cluster,
         "group": st.group,
@@ -105,10 +171,21 @@ def destination_json(v: DestinationView) -> dict[str, Any]:
         "stalled_partitions": [tp_name(tp) for tp in v.stalled],
         "stalled_for": round(v.stalled_for, 1),
         "leaving": v.leaving,
+        "points_per_s": None if v.points_per_s is None else round(v.points_per_s, 1),
+        "lag_seconds": _age(v.lag_seconds),
+        "idle_expected": route is not None and idle_expected(route, v),
+        "dead_letters": int(t.get("dead_letters", 0)),
+        "retention_lost": int(t.get("retention_lost", 0)),
+        "skipped": int(t.get("skipped", 0)),
+        "partitions": [partition_json(p) for p in v.partitions],
     }
 
 
-def route_json(r: RouteSnapshot) -> dict[str, Any]:
+def route_json(
+    r: RouteSnapshot, totals: Mapping[tuple[str, str], Mapping[str, float]] | None = None
+) -> dict[str, Any]:
+    """One route; ``totals`` maps (route, cluster) to its counters (see ``counter_totals``)."""
+    t = totals or {}
     return {
         "name": r.name,
         "mode": r.mode,
@@ -130,8 +207,40 @@ def route_json(r: RouteSnapshot) -> dict[str, Any]:
             }
             for w in r.waiting_for
         ],
-        "destinations": [destination_json(d) for d in r.destinations],
+        "active_since": r.active_since,
+        "active_reason": r.active_reason,
+        "usable": list(r.usable),
+        "has_usable_cluster": bool(r.usable),
+        "destinations": [
+            destination_json(d, r, t.get((r.name, d.cluster))) for d in r.destinations
+        ],
     }
+
+
+def counter_totals(
+    counters: Mapping[str, Any],
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Sum each labelled prometheus counter over its other labels, per (route, cluster):
+    ``{"dead_letters": metrics.dead_letters, ...}`` -> {(route, cluster): {name: total}}."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for name, counter in counters.items():
+        for family in counter.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = (sample.labels.get("route", ""), sample.labels.get("cluster", ""))
+                per = out.setdefault(key, {})
+                per[name] = per.get(name, 0.0) + sample.value
+    return out
+
+
+def grand_totals(totals: Mapping[tuple[str, str], Mapping[str, float]]) -> dict[str, int]:
+    """Every (route, cluster) added up: what the status page shows as the router's totals."""
+    out: dict[str, int] = {}
+    for per in totals.values():
+        for name, value in per.items():
+            out[name] = out.get(name, 0) + int(value)
+    return out
 
 
 def clusters_json(

@@ -7,7 +7,8 @@
     ├── kafka         KafkaConfig     bootstrap, group prefix, dead-letter topic, security
     ├── clusters      {name: ClusterConfig}   urls or a Consul service, v1 database / v2 bucket
     ├── routes        (RouteConfig, ...)      topics -> primary + standby, or mirror clusters
-    │                 └── batch  BatchConfig
+    │                 ├── batch  BatchConfig
+    │                 └── guard  GuardConfig      block rules, cardinality limits (optional)
     ├── health        HealthConfig    probe interval, timeout, fall/rise hysteresis
     └── http          HttpConfig      where the status/metrics server listens
 
@@ -19,8 +20,9 @@ from the file is reported at the line of its nearest parent.
 Secrets (InfluxDB passwords and tokens, the SASL password) are never written in the topology:
 it names an environment variable (``*_env``) or a file (``*_file``). They are resolved once at
 load to prove they exist, and again each time ``credentials()``, ``token()`` or
-``librdkafka_config()`` is called, so a rotated secret file is picked up by the next client.
-No model field holds a secret, so no repr, log line or status page can show one.
+``librdkafka_config()`` is called (``router.secrets``: a file is read again only when it
+changed, so asking per request is cheap), so a rotated secret is what the next request or
+client uses. No model field holds a secret, so no repr, log line or status page can show one.
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from router.errors import ConfigError
 from router.graphite import GraphiteError, parse_templates
+from router.secrets import env_secret, file_secret
 
 __all__ = [
     "BatchConfig",
+    "BlockRuleConfig",
+    "BlockTagConfig",
     "ByteSize",
     "ClusterConfig",
     "Duration",
+    "GuardConfig",
     "HealthConfig",
     "HttpConfig",
     "KafkaConfig",
@@ -154,6 +160,17 @@ def _check_topic(value: str) -> str:
     return value
 
 
+def _check_regex(value: str) -> str:
+    """A Python regular expression (searched in a name; the guard's block rules)."""
+    if not value:
+        raise ValueError("must not be empty")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+    return value
+
+
 def _absolute_path(value: object, info: ValidationInfo) -> object:
     """A relative path is taken relative to the topology file's directory (when loaded from one)."""
     if not isinstance(value, str):
@@ -218,43 +235,21 @@ def _string_values(value: object) -> object:
 
 
 # --- secrets -------------------------------------------------------------------------------------
-# The topology names an environment variable or a file; each is read once at load to prove it
-# is there, and again whenever a client is built. Names are only echoed once known to be names:
-# a secret pasted into ``password_env`` by mistake must not reach a log.
-
-
-def _env_secret(name: str) -> str:
-    value = os.environ.get(name)
-    if value is None:
-        raise ValueError(f"environment variable {name} is not set")
-    if not value:
-        raise ValueError(f"environment variable {name} is empty")
-    return value
-
-
-def _file_secret(path: str) -> str:
-    """The file's text without its trailing newline."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text") from exc
-    secret = text.rstrip("\r\n")
-    if not secret:
-        raise ValueError(f"{path} is empty")
-    return secret
+# The topology names an environment variable or a file; each is read at load to prove it is
+# there, and again (``router.secrets``: a file only when it changed) each time a client asks.
+# Names are only echoed once known to be names: a secret pasted into ``password_env`` by mistake
+# must not reach a log.
 
 
 def _check_env_secret(name: str) -> str:
     if not ENV_NAME_PATTERN.match(name):
         raise ValueError("not an environment variable name (letters, digits and '_')")
-    _env_secret(name)
+    env_secret(name)
     return name
 
 
 def _check_file_secret(path: str) -> str:
-    _file_secret(path)
+    file_secret(path)
     return path
 
 
@@ -271,9 +266,9 @@ def _secret(env_key: str, env: str | None, file_key: str, file: str | None) -> s
     """
     try:
         if env is not None:
-            return _env_secret(env)
+            return env_secret(env)
         if file is not None:
-            return _file_secret(file)
+            return file_secret(file)
     except ValueError as exc:
         key = env_key if env is not None else file_key
         raise ConfigError([f"{key}: {exc}"], source="secrets") from exc
@@ -290,6 +285,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 Name = Annotated[str, AfterValidator(_check_name)]
 Topic = Annotated[str, AfterValidator(_check_topic)]
+Regex = Annotated[str, AfterValidator(_check_regex)]
 SecretEnv = Annotated[str, AfterValidator(_check_env_secret)]
 SecretFile = Annotated[str, BeforeValidator(_absolute_path), AfterValidator(_check_file_secret)]
 ReadableFile = Annotated[str, BeforeValidator(_absolute_path), AfterValidator(_check_readable)]
@@ -531,6 +527,7 @@ class ClusterConfig(_Model):
     consul_tag: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     consul_datacenter: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     api: Literal["v1", "v2"] = "v1"
+    flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
     database: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     retention_policy: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     org: Annotated[str, AfterValidator(_check_non_empty)] | None = None
@@ -545,6 +542,8 @@ class ClusterConfig(_Model):
     min_healthy: int = Field(default=1, ge=1)
     write_timeout: Duration = Field(default=5.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
+    # how long one batch may take with its retries; None: max(60s, 4 x (retries+1) x timeout)
+    write_deadline: Duration | None = Field(default=None, gt=0)
     gzip: bool = True
 
     def credentials(self) -> tuple[str, str] | None:
@@ -605,6 +604,15 @@ class ClusterConfig(_Model):
             key = "password_env" if self.password_env is not None else "password_file"
             problems.append(((key,), "needs username_env"))
         problems += _one_of(self, "password_env", "password_file")
+        if self.flavor == "victoriametrics":
+            if self.api != "v1":
+                problems.append(
+                    (("api",), "flavor victoriametrics takes api v1 (its v2 write ignores bucket)")
+                )
+            if self.retention_policy is not None:
+                problems.append(
+                    (("retention_policy",), "not with flavor victoriametrics (it has none)")
+                )
         return problems + _one_of(self, "token_env", "token_file")
 
 
@@ -615,6 +623,59 @@ class BatchConfig(_Model):
     max_bytes: ByteSize = Field(default=1024**2, ge=1024, le=64 * 1024**2)
     linger: Duration = Field(default=0.2, ge=0, le=60)
     max_in_flight: int = Field(default=4, ge=1, le=64)
+
+
+class BlockTagConfig(_Model):
+    """A tag a block rule looks for: its key and, optionally, its value (regexes, searched)."""
+
+    key: Regex
+    value: Regex | None = None
+
+
+class BlockRuleConfig(_Model):
+    """Lines this rule matches are dead-lettered with reason ``blocked:<name>``."""
+
+    name: Name
+    measurement: Regex | None = None
+    tag: BlockTagConfig | None = None
+
+    def _problems(self) -> list[Problem]:
+        if self.measurement is None and self.tag is None:
+            return [((), "give measurement, tag or both")]
+        return []
+
+
+class GuardConfig(_Model):
+    """A route's guard against bad metrics (``router.guard``); no section: no guard at all."""
+
+    block: tuple[BlockRuleConfig, ...] = ()
+    max_new_series_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
+    max_series: int | None = Field(default=None, ge=1, le=100_000_000)
+    max_tracked_series: int = Field(default=1_000_000, ge=1000, le=100_000_000)
+    max_measurements: int = Field(default=10_000, ge=1, le=1_000_000)
+    series_ttl: Duration = Field(default=3600.0, ge=60, le=30 * 86400)
+    warmup: Duration = Field(default=600.0, ge=0, le=86400)
+
+    def _problems(self) -> list[Problem]:
+        limited = self.max_new_series_per_minute is not None or self.max_series is not None
+        problems: list[Problem] = []
+        if not self.block and not limited:
+            problems.append(((), "give block rules, max_new_series_per_minute or max_series"))
+        if not limited:
+            problems += [
+                ((key,), "only with max_new_series_per_minute or max_series")
+                for key in ("max_tracked_series", "max_measurements", "series_ttl")
+                if key in self.model_fields_set
+            ]
+        if "warmup" in self.model_fields_set and self.max_new_series_per_minute is None:
+            problems.append((("warmup",), "only with max_new_series_per_minute"))
+        names = tuple(rule.name for rule in self.block)
+        problems += [
+            (("block", index, "name"), f"{name!r} is used by an earlier rule")
+            for index, name in enumerate(names)
+            if name in names[:index]
+        ]
+        return problems
 
 
 class RouteConfig(_Model):
@@ -634,6 +695,7 @@ class RouteConfig(_Model):
     skip_missed: bool = False
     handback_lag: int = Field(default=1000, ge=0)
     batch: BatchConfig = BatchConfig()
+    guard: GuardConfig | None = None  # block rules and cardinality limits (router.guard)
 
     @property
     def destinations(self) -> tuple[str, ...]:

@@ -1,11 +1,17 @@
 """Benchmarks of the router on the local stack; prints figures, asserts nothing.
 
     .venv/bin/python -m scripts.bench [--points 1000000] [--lines 20]
+    .venv/bin/python -m scripts.bench --guard [--points 1000000]
 
 1. throughput: a backlog of --points points (--lines points per Kafka message) is written by
    the router to one InfluxDB (direct URL, no proxy); points/s from start to the last commit.
 2. backlog memory: the same number of points piles up in Kafka while the cluster is cut off
    (through Toxiproxy); the router's RSS is sampled while paused and while it replays.
+
+--guard instead measures what the route guard (``router.guard``: block rules and cardinality
+limits) costs: the throughput run of 1. with 1-line and 20-line messages, each with the guard
+off and on, reporting the router process's CPU time (user + system, from /proc) per point;
+then the guard alone, in this process, on the same messages.
 
 Run ``./dev stack up`` first (or let ``./dev bench`` do it).
 """
@@ -13,6 +19,8 @@ Run ``./dev stack up`` first (or let ``./dev bench`` do it).
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +38,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from devstack import stack
 from devstack.toxiproxy import Toxiproxy
+from router.guard import BlockRule, Guard, Limits
 from router.kafka import KafkaAdmin
 
 PARTITIONS = 4
@@ -100,7 +109,34 @@ def create_topics(kadmin: AdminClient, topic: str, tag: str) -> None:
         future.result(15)
 
 
-def topology(env: dict[str, str], topic: str, tag: str, url: str, port: int) -> dict[str, Any]:
+# The guard of --guard: two block rules and both limits, none of which the bench's 1000 series
+# (one measurement, tag ``host``) trips: what is measured is the cost on lines that pass.
+GUARD: dict[str, Any] = {
+    "block": [
+        {"name": "tmp", "measurement": "^tmp_"},
+        {"name": "request-id", "tag": {"key": "^request_id$"}},
+    ],
+    "max_new_series_per_minute": 2000,
+    "max_series": 100_000,
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, every thread included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def topology(
+    env: dict[str, str],
+    topic: str,
+    tag: str,
+    url: str,
+    port: int,
+    *,
+    guard: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    route_guard = {"guard": guard} if guard is not None else {}
     return {
         "datacenter": "bench",
         "kafka": {"bootstrap": env["KAFKA_BOOTSTRAP"], "group_prefix": f"bench-{tag}"},
@@ -117,6 +153,7 @@ def topology(env: dict[str, str], topic: str, tag: str, url: str, port: int) -> 
                     "linger": "200ms",
                     "max_in_flight": 4,
                 },
+                **route_guard,
             }
         ],
         "health": {"interval": "1s", "timeout": "2s", "fall": 3, "rise": 2},
@@ -173,14 +210,97 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def guard_run(
+    env: dict[str, str],
+    admin: KafkaAdmin,
+    kadmin: AdminClient,
+    work: Path,
+    *,
+    points: int,
+    lines: int,
+    guard: dict[str, Any] | None,
+) -> tuple[float, float]:
+    """One throughput run: (router CPU seconds, wall seconds) from ready to the last commit."""
+    tag = uuid.uuid4().hex[:8]
+    topic = f"bench.{tag}"
+    create_topics(kadmin, topic, tag)
+    produce(env["KAFKA_BOOTSTRAP"], topic, points, lines, tag)
+    doc = topology(env, topic, tag, env["INFLUX_A_URL"], free_port(), guard=guard)
+    proc = run_router(doc, work)
+    cpu0 = cpu_seconds(proc.pid)
+    secs = wait_committed(admin, f"bench-{tag}.bench.influx-a", topic, 900)
+    cpu = cpu_seconds(proc.pid) - cpu0
+    proc.terminate()
+    proc.wait(60)
+    return cpu, secs
+
+
+def guard_alone(points: int, lines: int) -> float:
+    """CPU microseconds per point of ``Guard.check`` alone on the bench's messages (all
+    series known: the steady state), best of 5."""
+    g = GUARD
+    guard = Guard(
+        [
+            BlockRule("tmp", measurement=re.compile(g["block"][0]["measurement"])),
+            BlockRule("request-id", tag_key=re.compile(g["block"][1]["tag"]["key"])),
+        ],
+        Limits(g["max_new_series_per_minute"], g["max_series"], warmup=0.0),
+    )
+    base = 1_700_000_000_000_000_000
+    count = max(1, min(points, 200_000) // lines)
+    msgs = [
+        b"\n".join(
+            b"bench_x,host=h%03d value=%di %d" % ((k + j) % 1000, k + j, base + k + j)
+            for j in range(lines)
+        )
+        for k in range(0, count * lines, lines)
+    ]
+    for m in msgs:
+        guard.check(m)
+    best = float("inf")
+    for _ in range(5):
+        started = time.process_time()
+        for m in msgs:
+            guard.check(m)
+        best = min(best, time.process_time() - started)
+    return best / (count * lines) * 1e6
+
+
+def guard_bench(env: dict[str, str], admin: KafkaAdmin, kadmin: AdminClient, points: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="frouter-bench-guard-"))
+    for lines in (1, 20):
+        per_point: dict[str, float] = {}
+        for name, guard in (("off", None), ("on", GUARD)):
+            cpu, secs = guard_run(env, admin, kadmin, work, points=points, lines=lines, guard=guard)
+            per_point[name] = cpu / points * 1e6
+            print(
+                f"guard {name}: {points} points, {lines} points/message: router CPU "
+                f"{cpu:.1f}s = {per_point[name]:.2f} us/point; {points / secs:,.0f} points/s",
+                flush=True,
+            )
+        print(
+            f"guard cost, {lines} points/message: {per_point['on'] - per_point['off']:+.2f} "
+            f"us/point in the router; Guard.check alone {guard_alone(points, lines):.2f} us/point",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--points", type=int, default=1_000_000)
     ap.add_argument("--lines", type=int, default=20, help="points per Kafka message")
+    ap.add_argument(
+        "--guard",
+        action="store_true",
+        help="measure the CPU the route guard costs (1- and 20-line messages, off and on)",
+    )
     args = ap.parse_args()
     env = stack.endpoints()
     admin = KafkaAdmin({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]})
     kadmin = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]})
+    if args.guard:
+        guard_bench(env, admin, kadmin, args.points)
+        return
     work = Path(tempfile.mkdtemp(prefix="frouter-bench-"))
 
     # 1. throughput: backlog first, then the router drains it to influx-a (direct)

@@ -1,6 +1,6 @@
 """`./dev demo`: the router on the local stack with topology.yaml and a metric generator.
 
-Points flow to influx-a (primary of dc1-metrics) and to all three clusters (dc1-mirror).
+Points flow to influx-a (primary of dc1-metrics) and to all four clusters (dc1-mirror).
 Watch http://127.0.0.1:8080/ and break things from another shell:
 
     ./dev stack cut influx-a      # Toxiproxy refuses connections: influx-a goes DOWN

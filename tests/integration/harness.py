@@ -325,3 +325,31 @@ def wait_paused(router: RouterProc, route: str, cluster: str, timeout: float = 3
         return bool(d["assigned"]) and d["paused"] == d["assigned"] and not d["active"]
 
     wait_until(paused, timeout=timeout, what=f"every partition of influx-{cluster} paused")
+
+
+# --- extra Toxiproxy proxies (one per replica, for faults only one replica sees) --------------
+
+
+def add_proxy(toxiproxy_url: str, name: str, upstream_url: str) -> str:
+    """A new Toxiproxy proxy to ``upstream_url`` on a free loopback port; returns its URL.
+
+    ``Toxiproxy.reset`` enables it and clears its toxics like any other; delete it with
+    ``delete_proxy`` (a reset does not).
+    """
+    upstream = httpx.URL(upstream_url)
+    body = {
+        "name": name,
+        "listen": "127.0.0.1:0",
+        "upstream": f"{upstream.host}:{upstream.port}",
+        "enabled": True,
+    }
+    resp = httpx.post(f"{toxiproxy_url}/proxies", json=body, timeout=5)
+    resp.raise_for_status()
+    return f"http://{resp.json()['listen']}"
+
+
+def delete_proxy(toxiproxy_url: str, name: str) -> None:
+    """Remove a proxy made by ``add_proxy`` (one that is already gone is fine)."""
+    resp = httpx.delete(f"{toxiproxy_url}/proxies/{name}", timeout=5)
+    if resp.status_code != 404:
+        resp.raise_for_status()

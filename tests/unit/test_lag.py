@@ -74,7 +74,9 @@ def admin() -> Iterator[FakeAdmin]:
 
 
 def reader(admin: FakeAdmin, clock: Clock, **kw: float) -> LagReader:
-    r = LagReader(admin, interval=2.0, fast_interval=0.25, read_timeout=3.0, clock=clock, **kw)
+    r = LagReader(
+        admin, interval=2.0, fast_interval=0.25, read_timeout=3.0, clock=clock, peek=None, **kw
+    )
     r.watch([WATCH])
     return r
 

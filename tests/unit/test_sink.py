@@ -582,3 +582,67 @@ def test_secrets_never_appear_in_errors_logs_or_repr(
         for secret in ("bob-user", "pw-XYZ", "tok-XYZ"):
             assert secret not in text
     assert events[0]["event"] == "sink_node_failed"
+
+
+# --- max-series-per-database (router.guard's counterpart in InfluxDB) ----------------------
+
+
+@dataclass
+class SeriesLimitedInflux:
+    """InfluxDB 1.6 (inmem index) with ``max-series-per-database = limit``: a write whose new
+    series would pass the limit stores its points of known series and drops every new one,
+    in 1.6's exact words (pinned by tests/integration/test_guard.py)."""
+
+    limit: int
+    series: set[bytes] = field(default_factory=set)
+    stored: list[bytes] = field(default_factory=list)
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        lines = [line for line in body_of(request).split(b"\n") if line]
+        new = {line.split(b" ")[0] for line in lines} - self.series
+        if len(self.series) + len(new) <= self.limit:
+            self.series |= new
+            new = set()
+        kept = [line for line in lines if line.split(b" ")[0] not in new]
+        self.stored.extend(kept)
+        if len(kept) == len(lines):
+            return httpx.Response(204)
+        why = f"max-series-per-database limit exceeded: ({self.limit})"
+        return httpx.Response(
+            400, json={"error": f"partial write: {why} dropped={len(lines) - len(kept)}"}
+        )
+
+
+def test_series_limit_rejects_only_the_lines_past_it(
+    make_sink: Callable[..., InfluxSink],
+) -> None:
+    """Past max-series-per-database the database fills up to the limit, the lines of series
+    over it are rejected with InfluxDB's reason, known series are stored, no node is blamed."""
+    server = SeriesLimitedInflux(limit=10)
+    results = Results()
+    sink = make_sink(server, on_node_result=results)
+    assert sink.write([b"m,s=%d v=1 1" % i for i in range(6)]) == []
+    payloads = [b"m,s=%d v=2 2" % i for i in range(20)]  # 6 known, 14 new, room for 4
+    rejected = sink.write(payloads)
+    assert len(server.series) == 10
+    assert {r.line for r in rejected} == {b"m,s=%d v=2 2" % i for i in range(20)} - {
+        line.split(b" ")[0] + b" v=2 2" for line in server.series
+    }
+    assert len(rejected) == 10
+    assert {r.reason for r in rejected} == {"max-series-per-database limit exceeded: (10)"}
+    assert set(server.stored) >= {b"m,s=%d v=2 2" % i for i in range(6)}
+    assert all(ok for _, ok in results.calls)
+
+
+def test_full_database_rejects_a_batch_of_new_series_in_two_requests(
+    make_sink: Callable[..., InfluxSink],
+) -> None:
+    """When even one new series is refused the database is full: every line of a batch of new
+    series is rejected after one probe, without a bisection down to single lines."""
+    server = SeriesLimitedInflux(limit=2, series={b"m,s=a", b"m,s=b"})
+    rejected = make_sink(server).write([b"m,s=n%d v=1 1" % i for i in range(64)])
+    assert [r.index for r in rejected] == list(range(64))
+    assert len(server.requests) == 2
+    assert server.stored == []

@@ -67,11 +67,18 @@ def test_shipped_topology_loads() -> None:
     topology = load_topology(REPO / "topology.yaml")
     assert topology.datacenter == "dc1"
     assert topology.kafka.bootstrap == "127.0.0.1:19092"
-    assert sorted(topology.clusters) == ["influx-a", "influx-b", "influx-c"]
+    assert sorted(topology.clusters) == ["influx-a", "influx-b", "influx-c", "influx-d"]
     assert topology.cluster("influx-b").urls == ("http://127.0.0.1:28087",)
     assert topology.route("dc1-metrics").destinations == ("influx-a", "influx-b")
     assert topology.route("dc1-mirror").mode == "mirror"
-    assert topology.route("dc1-mirror").destinations == ("influx-a", "influx-b", "influx-c")
+    assert topology.route("dc1-mirror").destinations == (
+        "influx-a",
+        "influx-b",
+        "influx-c",
+        "influx-d",
+    )
+    v2 = topology.cluster("influx-d")  # the v2-API cluster: InfluxDB 1.8.3 with auth
+    assert (v2.api, v2.bucket, v2.token()) == ("v2", "metrics/autogen", "admin:frouter-admin")
     assert topology.http.listen == "127.0.0.1:8080"
 
 
@@ -439,6 +446,31 @@ def test_v2_needs_org_and_bucket_and_refuses_database() -> None:
     ]
 
 
+def test_victoriametrics_flavor_takes_v1_without_retention_policy() -> None:
+    """flavor victoriametrics is a v1 cluster (its v2 write ignores the bucket), with no rp."""
+    cluster = parse_topology(with_cluster_keys("    flavor: victoriametrics\n")).cluster("influx-a")
+    assert (cluster.flavor, cluster.api) == ("victoriametrics", "v1")
+    assert parse_topology(MINIMAL).cluster("influx-a").flavor == "influxdb"
+    errors = errors_of(
+        with_cluster_keys("    flavor: victoriametrics\n    retention_policy: week\n")
+    )
+    assert errors == [
+        "clusters.influx-a.retention_policy: not with flavor victoriametrics (it has none) (line 9)"
+    ]
+    text = MINIMAL.replace(
+        "    database: metrics\n",
+        "    api: v2\n    flavor: victoriametrics\n    org: o\n    bucket: b\n",
+        1,
+    )
+    assert errors_of(text) == [
+        "clusters.influx-a.api: flavor victoriametrics takes api v1 (its v2 write ignores "
+        "bucket) (line 7)"
+    ]
+    assert errors_of(with_cluster_keys("    flavor: graphite\n"))[0].startswith(
+        "clusters.influx-a.flavor: "
+    )
+
+
 def test_v1_needs_a_database() -> None:
     """api v1 (the default) requires database."""
     errors = errors_of(MINIMAL.replace("    database: metrics\n", "", 1))
@@ -625,7 +657,7 @@ def test_check_topology_prints_a_summary_and_returns_0(capsys: pytest.CaptureFix
     """A valid file prints one ok line with the counts and the datacenter."""
     code = check_topology_main(str(REPO / "topology.yaml"), "dc7")
     assert code == 0
-    assert capsys.readouterr().out == "ok: 3 clusters, 2 routes, datacenter dc7\n"
+    assert capsys.readouterr().out == "ok: 4 clusters, 2 routes, datacenter dc7\n"
 
 
 def test_check_topology_prints_every_error_and_returns_1(
