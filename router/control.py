@@ -342,7 +342,9 @@ class ControlLoop:
         reading = snap.reading(primary, now, self._lag_max_age) if snap else None
         if reading is None or reading.read_at < rt.activated_at.get(primary, float("inf")):
             return None
-        return reading.total
+        # Only the partitions this replica owns: the others are handed back by their owners.
+        owned = set(rt.destinations[primary].status.assigned)
+        return sum(n for tp, n in reading.lag.items() if tp in owned)
 
     def _hurry(self, rt: RouteRuntime) -> None:
         """A returning primary replays next to a standby: its lag decides the hand-back."""

@@ -392,6 +392,7 @@ class Destination:
         stamp = self.spec.stamp_missing
         precision = self.spec.precision
         guard = self.spec.guard
+        known = guard.known if guard is not None else None  # lock-free: series let through
         batcher = self._batcher
         max_points, max_bytes = batcher.max_points, batcher.max_bytes
         b = batcher.current
@@ -409,8 +410,8 @@ class Destination:
             value = msg.value()
             if not value:
                 continue  # nothing to write: ``seen`` still moves the commit past it
-            if guard is not None:
-                value = self._guarded(tp, offset, value, guard)
+            if known is not None and not known(value):
+                value = self._guarded(tp, offset, value)
                 if not value:
                     continue  # every line refused: ``seen`` still moves the commit past it
             if stamp and lacks_timestamp(value):
@@ -469,7 +470,7 @@ class Destination:
             if payload and self._graphite is not None:
                 payload = self._from_graphite(tp, offset, payload, msg)
             if payload and self.spec.guard is not None:
-                payload = self._guarded(tp, offset, payload, self.spec.guard)
+                payload = self._guarded(tp, offset, payload)
             if not payload:
                 self._batcher.current.advance(tp, offset)  # nothing to write: still commits
                 continue
@@ -489,10 +490,11 @@ class Destination:
             )
         return lines
 
-    def _guarded(self, tp: TopicPart, offset: int, payload: bytes, guard: Guard) -> bytes:
+    def _guarded(self, tp: TopicPart, offset: int, payload: bytes) -> bytes:
         """The lines the route's guard lets through; refused ones ride along to the dead
         letters (reason ``blocked:<rule>`` or ``cardinality:<measurement>``)."""
-        kept, refused = guard.check(payload)
+        assert self.spec.guard is not None
+        kept, refused = self.spec.guard.check(payload)
         if refused:
             self._batcher.current.dead.extend(
                 DeadLetter(line, reason, tp[0], tp[1], offset, self.spec.cluster, self.spec.route)
@@ -931,7 +933,12 @@ class Destination:
         self._source.close()
 
     def _snapshot(self) -> DestinationStatus:
-        oldest = min((b.submitted for b in self._unsettled.values()), default=0.0)
+        # batches waiting for an answer; one held for its dead letters has had it (and is
+        # shown as state ``blocked``: restarting the process would not deliver its letters)
+        held = self._held
+        oldest = min(
+            (b.submitted for i, b in self._unsettled.items() if i not in held), default=0.0
+        )
         return DestinationStatus(
             route=self.spec.route,
             cluster=self.spec.cluster,

@@ -531,9 +531,9 @@ class Router:
                 v = self.verdicts.verdict(name)
             except KeyError:  # removed by a reload a moment ago; no running route names it
                 continue
-            reachable, why = self._reachable(name)
-            healthy = v.state is ClusterState.UP and name not in misconfigured and reachable
-            reason = misconfigured.get(name, v.reason if v.state is not ClusterState.UP else why)
+            up = self._reachable(name, v)
+            healthy = up and name not in misconfigured
+            reason = misconfigured.get(name, "" if up else self._down_reason(name, v))
             drained = self._drained(name)
             views[name] = ClusterView(healthy=healthy, drained=drained, reason=reason)
             self.metrics.cluster_up.labels(cluster=name).set(1 if healthy else 0)
@@ -544,17 +544,22 @@ class Router:
         self._publish_consul_metrics()
         return views
 
-    def _reachable(self, name: str) -> tuple[bool, str]:
-        """Whether this replica's own probes reach the cluster. With a shared verdict (Consul)
-        a cluster UP for the datacenter may still be out of this replica's reach (a network
-        path of its own): then this replica's partitions fail over, the others stay."""
+    def _reachable(self, name: str, shared: Verdict) -> bool:
+        """Whether this replica routes the partitions it owns to the cluster.
+
+        Every destination of a partition lives in the replica that owns it (route membership),
+        so this replica's own probes decide for its partitions: a network path that fails for
+        one replica moves that replica's partitions only, whichever replica holds the Consul
+        lock. The shared verdict stays what the datacenter's status shows; when this replica
+        sees the cluster differently, it says so (event ``cluster_reachability``).
+        """
         local = self._own_health
         if self.shared is None or local is None:
-            return True, ""
+            return shared.state is ClusterState.UP
         try:
             mine = local.verdict(name)
         except KeyError:
-            return True, ""
+            return shared.state is ClusterState.UP
         ok = mine.state is ClusterState.UP
         self.metrics.cluster_reachable.labels(cluster=name).set(1 if ok else 0)
         if ok == (name in self._unreachable):
@@ -566,10 +571,17 @@ class Router:
                 "cluster_reachability",
                 cluster=name,
                 reachable=ok,
+                shared_state=shared.state.value,
                 replica=self.shared.replica,
                 reason=mine.reason or "probes of this replica",
             )
-        return ok, "" if ok else f"unreachable from this replica: {mine.reason}"
+        return ok
+
+    def _down_reason(self, name: str, shared: Verdict) -> str:
+        local = self._own_health
+        if self.shared is not None and local is not None and name in self._unreachable:
+            return f"unreachable from this replica: {local.verdict(name).reason}"
+        return shared.reason
 
     def _publish_consul_metrics(self) -> None:
         shared = self.shared

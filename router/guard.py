@@ -30,10 +30,12 @@ hits the cache: the line takes the slow path, which parses it exactly. A line wi
 whitespace has an empty key (hash 0, never cached): the slow path too.
 
 State and its memory: per measurement a dict {series hash: generation parity} plus a token
-bucket; one cache set over the route. A series costs about 100 bytes while tracked (one 64-bit
+bucket; one cache set over the route. A series costs about 110 bytes while tracked (one 64-bit
 hash object shared by the dict and the cache, a dict entry and a set slot), so the route's
-memory is at most about ``max_tracked_series`` x 100 bytes plus ``max_measurements`` x 400
-bytes. Generations: every ``series_ttl / 2`` the cache is emptied and the series not seen
+memory is at most about ``max_tracked_series`` x 110 bytes plus ``max_measurements`` x 500
+bytes. With block rules alone nothing is counted: the cache holds at most ``_PASS_CACHE`` keys
+and the blocked keys at most ``_BLOCKED_CACHE`` (each emptied when full: only speed is lost).
+Generations: every ``series_ttl / 2`` the cache is emptied and the series not seen
 during the generation that ends are forgotten (so a series with no line for ``series_ttl`` is
 forgotten, one silent for half of it may be); the active ones are re-marked on their next line.
 The first ``warmup`` after a guard is built the rate limit is not applied (every series is
@@ -72,7 +74,8 @@ BLOCKED = "blocked:"
 CARDINALITY = "cardinality:"
 
 _WHITESPACE = b" \t\x00"  # what InfluxDB skips at the start of a line
-_BLOCKED_CACHE = 65_536  # series keys remembered as blocked (cleared when full)
+_BLOCKED_CACHE = 65_536  # series keys remembered as blocked (cleared when full): <= ~5 MB
+_PASS_CACHE = 262_144  # series keys let through by block rules alone (cleared when full): ~17 MB
 _NOTHING: tuple[tuple[bytes, str], ...] = ()
 # the series key of a line: up to the first space not escaped by a backslash
 _KEY = re.compile(rb"[ \t\x00]*((?:[^ \\]|\\.)*)", re.S)
@@ -111,7 +114,7 @@ class Limits:
 
     max_new_series_per_minute: int | None = None
     max_series: int | None = None  # per measurement
-    max_tracked_series: int = 1_000_000  # per route: bounds memory; beyond it new series wait
+    max_tracked_series: int = 1_000_000  # per route: bounds memory; new series beyond: refused
     max_measurements: int = 10_000  # per route
     series_ttl: float = 3600.0  # a series with no line for this long is forgotten
     warmup: float = 600.0  # after the guard is built, the rate limit is not applied
@@ -123,7 +126,7 @@ class MeasurementStats:
     series: int  # tracked now
     new_series: int  # let through as new since the guard was built
     refused: int  # lines refused for cardinality
-    last_refused: float  # seconds ago (None-like: -1 when never)
+    last_refused: float  # seconds since the last line refused; -1 when never
 
 
 @dataclass(frozen=True)
@@ -183,24 +186,26 @@ class Guard:
         self._period = ttl / 2
         self._rotate_at = now + self._period
         self._learn_until = now + (limits.warmup if limits is not None else 0.0)
-        self._cache_cap = limits.max_tracked_series * 2 if limits is not None else 1_000_000
+        self._cache_cap = limits.max_tracked_series * 2 if limits is not None else _PASS_CACHE
 
     # --- the data path ------------------------------------------------------------------
+
+    def known(self, payload: bytes) -> bool:
+        """Whether every line of ``payload`` belongs to a series already let through (then
+        ``check`` would return it as it is). The hot path: no lock, no parsing."""
+        cut = payload.find(b" ")
+        if payload.find(b"\n", cut, -1) < 0:  # one line (a last newline aside)
+            return hash(payload[:cut]) in self._cache
+        keys = [line.partition(b" ")[0] for line in payload.split(b"\n")]
+        if not keys[-1]:
+            keys.pop()  # the payload's last newline
+        return self._cache.issuperset(map(hash, keys))
 
     def check(self, payload: bytes) -> tuple[bytes, Sequence[Refused]]:
         """(what to write, the refused lines with their reasons) for one message. Returns
         ``payload`` itself and no refusal when every line belongs to a series let through."""
-        cache = self._cache
-        newline = payload.find(b"\n")
-        if newline < 0 or newline == len(payload) - 1:
-            if hash(payload.partition(b" ")[0]) in cache:
-                return payload, _NOTHING
-        else:
-            keys = [line.partition(b" ")[0] for line in payload.split(b"\n")]
-            if not keys[-1]:
-                keys.pop()  # the payload's last newline
-            if cache.issuperset(map(hash, keys)):
-                return payload, _NOTHING
+        if self.known(payload):
+            return payload, _NOTHING
         return self._check_lines(payload)
 
     def _check_lines(self, payload: bytes) -> tuple[bytes, Sequence[Refused]]:

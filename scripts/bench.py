@@ -236,8 +236,9 @@ def guard_run(
 
 
 def guard_alone(points: int, lines: int) -> float:
-    """CPU microseconds per point of ``Guard.check`` alone on the bench's messages (all
-    series known: the steady state), best of 5."""
+    """CPU microseconds per point of the guard alone on the bench's messages, all series
+    known (the steady state: ``Guard.known``, what a destination calls per message), best of
+    5."""
     g = GUARD
     guard = Guard(
         [
@@ -257,11 +258,13 @@ def guard_alone(points: int, lines: int) -> float:
     ]
     for m in msgs:
         guard.check(m)
+    known = guard.known
+    assert all(known(m) for m in msgs)
     best = float("inf")
     for _ in range(5):
         started = time.process_time()
         for m in msgs:
-            guard.check(m)
+            known(m)
         best = min(best, time.process_time() - started)
     return best / (count * lines) * 1e6
 
@@ -280,7 +283,7 @@ def guard_bench(env: dict[str, str], admin: KafkaAdmin, kadmin: AdminClient, poi
             )
         print(
             f"guard cost, {lines} points/message: {per_point['on'] - per_point['off']:+.2f} "
-            f"us/point in the router; Guard.check alone {guard_alone(points, lines):.2f} us/point",
+            f"us/point in the router; the guard alone {guard_alone(points, lines):.2f} us/point",
             flush=True,
         )
 

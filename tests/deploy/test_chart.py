@@ -71,7 +71,7 @@ def test_monitoring_objects_carry_the_alerts_file_and_the_datacenter(example: Pa
     extra = values.get("prometheusRule", {}).get("additionalAlertLabels", {})
     for group in rules["groups"]:
         for rule in group["rules"]:
-            rule["labels"] = {**rule.get("labels", {}), **extra}
+            rule["labels"] = {**extra, **rule.get("labels", {})}  # the rule's own win
     (rule_obj,) = by_kind(docs, "PrometheusRule")
     assert rule_obj["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule_obj["spec"]["groups"] == rules["groups"]

@@ -312,6 +312,9 @@ def test_topology_guard_section_builds_the_guard() -> None:
     assert [why for _, why in refused] == ["blocked:tmp", "blocked:request-id"]
     assert guard.stats().warming_up  # the default warmup
     assert parse_topology(MINIMAL).routes[0].guard is None
+    # the defaults docs/topology.md gives
+    assert (cfg.max_tracked_series, cfg.max_measurements) == (1_000_000, 10_000)
+    assert (cfg.series_ttl, cfg.warmup) == (3600.0, 600.0)
 
 
 @pytest.mark.parametrize(
