@@ -18,7 +18,8 @@ Refused lines go to the dead letters with that reason; the rest of the message i
 
 Pure: no I/O; the clock is injected. One ``Guard`` per route and process, shared by the route's
 destinations (so a standby that takes over, or a primary that replays, finds the series the
-route already let through); every consumer thread of the route calls ``check``.
+route already let through); every consumer thread of the route calls ``known`` per message,
+and ``check`` (the lines to write, the refused ones) when it answers no.
 
 The hot path (every line of a known series) is the raw series key of each line, hashed, looked
 up in ``_cache``, a set of the hashes of series keys already let through: no lock, no parsing,
@@ -34,10 +35,13 @@ bucket; one cache set over the route. A series costs about 110 bytes while track
 hash object shared by the dict and the cache, a dict entry and a set slot), so the route's
 memory is at most about ``max_tracked_series`` x 110 bytes plus ``max_measurements`` x 500
 bytes. With block rules alone nothing is counted: the cache holds at most ``_PASS_CACHE`` keys
-and the blocked keys at most ``_BLOCKED_CACHE`` (each emptied when full: only speed is lost).
-Generations: every ``series_ttl / 2`` the cache is emptied and the series not seen
-during the generation that ends are forgotten (so a series with no line for ``series_ttl`` is
-forgotten, one silent for half of it may be); the active ones are re-marked on their next line.
+(an arbitrary one makes room for a new one) and the blocked keys at most ``_BLOCKED_CACHE``
+(emptied when full): past them only speed is lost.
+
+Generations: every ``series_ttl / 2`` (checked on the slow path and by ``stats``, which every
+metrics scrape calls) the cache is emptied and the series not seen during the generation that
+ends are forgotten (so a series with no line for ``series_ttl`` is forgotten, one silent for
+half of it may be); the active ones are re-marked on their next line.
 The first ``warmup`` after a guard is built the rate limit is not applied (every series is
 "new" after a restart); ``max_series`` and the caps are.
 """
@@ -75,7 +79,7 @@ CARDINALITY = "cardinality:"
 
 _WHITESPACE = b" \t\x00"  # what InfluxDB skips at the start of a line
 _BLOCKED_CACHE = 65_536  # series keys remembered as blocked (cleared when full): <= ~5 MB
-_PASS_CACHE = 262_144  # series keys let through by block rules alone (cleared when full): ~17 MB
+_PASS_CACHE = 262_144  # series keys let through by block rules alone: at most ~17 MB
 _NOTHING: tuple[tuple[bytes, str], ...] = ()
 # the series key of a line: up to the first space not escaped by a backslash
 _KEY = re.compile(rb"[ \t\x00]*((?:[^ \\]|\\.)*)", re.S)
@@ -242,7 +246,7 @@ class Guard:
         why = self._decide(h, key, now)
         if not why and h:
             if len(self._cache) >= self._cache_cap:
-                self._cache = set()
+                self._cache.pop()  # an arbitrary key makes room: a miss costs the slow path
             self._cache.add(h)
         return why
 
