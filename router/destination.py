@@ -66,7 +66,7 @@ from router.offsets import (
     start_offsets,
 )
 from router.policy import StartFrom
-from router.source import GroupSource, PartitionSource, Record
+from router.source import PartitionSource, Record
 from router.stamp import Precision, kafka_time, lacks_timestamp, stamp_lines
 from router.writer import DeadLetters, Outcome, Sink, WritePool
 
@@ -155,13 +155,12 @@ class Destination:
         self,
         spec: DestinationSpec,
         *,
-        kafka_config: Mapping[str, str],
+        source: PartitionSource,
         sink: Sink,
         admin: OffsetReader,
         dead_letters: DeadLetters,
         metrics: Metrics,
         on_misconfigured: Callable[[str, str], None] = lambda cluster, why: None,
-        source: PartitionSource | None = None,
     ) -> None:
         self.spec = spec
         self._admin = admin
@@ -169,9 +168,7 @@ class Destination:
         self._metrics = metrics
         self._on_misconfigured = on_misconfigured
         self._labels = {"route": spec.route, "cluster": spec.cluster}
-        self._source: PartitionSource = source or GroupSource(
-            spec.topics, spec.group, f"frouter-{spec.route}-{spec.cluster}", kafka_config
-        )
+        self._source = source
         self._writers = WritePool(
             route=spec.route,
             cluster=spec.cluster,

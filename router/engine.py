@@ -405,7 +405,6 @@ class Router:
         membership.attach(source)
         return Destination(
             spec,
-            kafka_config=self._kafka_config,
             sink=sink,
             admin=self._admin,
             dead_letters=self._dlq,

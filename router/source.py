@@ -1,11 +1,12 @@
 """Where a destination's partitions and messages come from: the seam between ``Destination``
-and Kafka's group protocol.
+and Kafka.
 
-``GroupSource`` is today's one: the destination's own consumer group subscribes to the route's
-topics and Kafka assigns the partitions. The destination only sees the ``PartitionSource``
-interface (the rebalance callbacks as plain lists of partitions; ``on_assign`` answers where
-each newly assigned partition starts, or nothing to keep it paused), so another owner of the
-partitions (one membership per route, with ``assign()`` per destination) can take its place.
+``AssignedSource`` is the one the router uses: a consumer that never joins a group; the route's
+membership (``router/membership.py``) grants and revokes partitions, the source reads them with
+``incremental_assign`` and commits to the destination's own group. The destination only sees
+the ``PartitionSource`` interface (the callbacks as plain lists of partitions; ``on_assign``
+answers where each newly granted partition starts, or nothing to keep it paused), so unit tests
+give it an in-memory fake, and another way of owning partitions could take its place.
 
 Only this module calls the consumer's assign/pause/resume/seek. A partition that starts is
 assigned at its start offset AND explicitly resumed: librdkafka keeps an application pause on a
@@ -84,7 +85,8 @@ def _tps(tps: Sequence[TopicPart]) -> list[TopicPartition]:
 
 
 class _ConsumerSource:
-    """What both sources do the same way with their consumer: fetch, pause, start, commit."""
+    """The consumer calls of a source: fetch, pause, start, commit (``AssignedSource`` adds
+    who owns which partition)."""
 
     def __init__(self, group: str, client_id: str, kafka_config: Mapping[str, str]) -> None:
         self.out_of_range: list[TopicPart] = []
@@ -175,35 +177,6 @@ class _ConsumerSource:
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):
             self._consumer.close()  # leaves the group: the partitions move at once
-
-
-class GroupSource(_ConsumerSource):
-    """A consumer of the destination's own group, subscribed to the route's topics: each
-    destination group spreads its partitions over the replicas on its own."""
-
-    def __init__(
-        self, topics: Sequence[str], group: str, client_id: str, kafka_config: Mapping[str, str]
-    ) -> None:
-        super().__init__(group, client_id, kafka_config)
-        self._topics = list(topics)
-
-    def open(self, on_assign: OnAssign, on_revoke: OnRevoke, on_lost: OnRevoke) -> None:
-        def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            starts = on_assign([(tp.topic, tp.partition) for tp in partitions])
-            self._assign_at(partitions, starts, incremental=False)
-
-        def revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            on_revoke([(tp.topic, tp.partition) for tp in partitions])
-
-        def lost(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            on_lost([(tp.topic, tp.partition) for tp in partitions])
-
-        try:
-            self._consumer.subscribe(
-                self._topics, on_assign=assigned, on_revoke=revoked, on_lost=lost
-            )
-        except KafkaException as exc:
-            raise SourceError(f"cannot subscribe to {self._topics}: {exc}") from exc
 
 
 class AssignedSource(_ConsumerSource):

@@ -75,7 +75,6 @@ def make_rig(spec: DestinationSpec = SPEC) -> Rig:
     seen: list[str] = []
     dest = Destination(
         spec,
-        kafka_config={},
         sink=sink,
         admin=admin,
         dead_letters=dlq,

@@ -432,7 +432,6 @@ def test_destination_dead_letters_refused_lines_and_commits_past_them(graphite: 
     source, sink, dlq = FakeSource(kafka, spec.group), FakeSink(), FakeDeadLetters()
     dest = Destination(
         spec,
-        kafka_config={},
         sink=sink,
         admin=FakeAdmin(kafka),
         dead_letters=dlq,

@@ -219,7 +219,6 @@ def test_a_new_destination_starts_with_the_misconfigured_gauge_at_zero() -> None
     rig.metrics.sink_misconfigured.labels(route="r", cluster="b").set(1)
     Destination(
         rig.dest.spec,
-        kafka_config={},
         sink=rig.sink,
         admin=rig.admin,
         dead_letters=rig.dlq,

@@ -205,7 +205,6 @@ def run_destination(spec: DestinationSpec, *values: bytes) -> list[bytes]:
     source, sink = FakeSource(kafka, spec.group), FakeSink()
     dest = Destination(
         spec,
-        kafka_config={},
         sink=sink,
         admin=FakeAdmin(kafka),
         dead_letters=FakeDeadLetters(),
