@@ -60,7 +60,9 @@ def _panel(
     options: dict[str, Any] | None = None,
     custom: dict[str, Any] | None = None,
     thresholds: list[dict[str, Any]] | None = None,
+    target_mappings: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """One panel; ``target_mappings`` gives the value mappings of one target (by refId)."""
     x, y, w, h = grid
     return {
         "type": kind,
@@ -81,7 +83,13 @@ def _panel(
                     "steps": thresholds or [{"color": "green", "value": None}],
                 },
             },
-            "overrides": [],
+            "overrides": [
+                {
+                    "matcher": {"id": "byFrameRefID", "options": ref},
+                    "properties": [{"id": "mappings", "value": value}],
+                }
+                for ref, value in (target_mappings or {}).items()
+            ],
         },
         "options": options or {},
     }
@@ -158,13 +166,14 @@ def panels() -> list[dict[str, Any]]:
             "state-timeline",
             "Cluster health verdict",
             "UP/DOWN as the replicas' verdict says (the lowest, so one replica's DOWN shows), "
-            "and whether the topology drains the cluster.",
+            "and whether the topology (or Consul KV) drains the cluster.",
             [
                 (f"min by (cluster) (frouter_cluster_up{{{DC}}})", "{{cluster}} up"),
                 (f"max by (cluster) (frouter_cluster_drained{{{DC}}})", "{{cluster}} drained"),
             ],
             (0, 10, 16, 8),
-            mappings=_values(("1", "1", "green"), ("0", "0", "red")),
+            mappings=_values(("1", "UP", "green"), ("0", "DOWN", "red")),
+            target_mappings={"B": _values(("1", "drained", "orange"), ("0", "", "transparent"))},
             options={**TIMELINE, **LEGEND},
         )
     )
@@ -276,7 +285,7 @@ def panels() -> list[dict[str, Any]]:
                 ),
                 (
                     "sum by (cluster, reason) (rate(frouter_batch_failures_total"
-                    f"{{{DC_ROUTE}}}[$__rate_interval]))",
+                    f"{{{DC_ROUTE}}}[$__rate_interval])) > 0",
                     "failed/s {{cluster}} {{reason}}",
                 ),
             ],

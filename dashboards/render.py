@@ -147,28 +147,27 @@ def _timeseries(ax: Any, series: list[Series], start: float) -> None:
     ax.set_xlabel("seconds", color=TEXT, fontsize=7)
 
 
-def _timeline(ax: Any, series: list[Series], start: float, colors: dict[float, str]) -> None:
+def _timeline(ax: Any, rows: list[tuple[Series, dict[float, str]]], start: float) -> None:
+    """One bar per series, coloured by its value mappings; the series name above its bar."""
     ax.grid(False)
-    for row, s in enumerate(series):
-        spans: list[tuple[float, float, str]] = []
+    for row, (s, colors) in enumerate(rows):
+        y = len(rows) - 1 - row
         for i, (t, v) in enumerate(zip(s.times, s.values, strict=True)):
-            nxt = s.times[i + 1] if i + 1 < len(s.times) else t + 1
+            nxt = s.times[i + 1] if i + 1 < len(s.times) and s.times[i + 1] - t < 2.5 else t + 1
             color = colors.get(v, "#5794f2")
-            if (
-                spans
-                and spans[-1][2] == color
-                and abs(spans[-1][0] + spans[-1][1] - (t - start)) < 2.5
-            ):
-                a, w, c = spans[-1]
-                spans[-1] = (a, w + (nxt - t), c)
-            else:
-                spans.append((t - start, nxt - t, color))
-        for a, w, c in spans:
-            if c != "none":
-                ax.broken_barh([(a, w)], (row - 0.35, 0.7), facecolors=c)
-    ax.set_yticks(range(len(series)))
-    ax.set_yticklabels([s.legend for s in series], fontsize=7, color=TEXT)
-    ax.set_ylim(-0.6, max(len(series), 1) - 0.4)
+            if color != "none":
+                ax.broken_barh([(t - start, nxt - t)], (y - 0.3, 0.5), facecolors=color)
+        ax.text(
+            0.005,
+            y + 0.24,
+            s.legend,
+            transform=ax.get_yaxis_transform(),
+            color=TEXT,
+            fontsize=7,
+            va="bottom",
+        )
+    ax.set_yticks([])
+    ax.set_ylim(-0.5, max(len(rows), 1) - 0.1)
     ax.set_xlabel("seconds", color=TEXT, fontsize=7)
 
 
@@ -215,11 +214,11 @@ def plot(
     height = bottom + top_pad
 
     def rect(g: dict[str, int]) -> tuple[float, float, float, float]:
-        pad_x, pad_top, pad_bottom = 0.012, 0.9, 0.9
+        pad_x, pad_left, pad_top, pad_bottom = 0.008, 0.03, 0.9, 0.9
         return (
-            g["x"] / 24 + pad_x,
+            g["x"] / 24 + pad_left,
             1 - (g["y"] + g["h"] + top_pad) / height + pad_bottom / height,
-            g["w"] / 24 - 2 * pad_x,
+            g["w"] / 24 - pad_left - pad_x,
             (g["h"] - pad_top - pad_bottom) / height,
         )
 
@@ -237,21 +236,34 @@ def plot(
             continue
         ax = fig.add_axes(rect(g))
         _style(ax, panel["title"])
-        series = [s for target in data.get(panel["title"], []) for s in target]
+        targets = data.get(panel["title"], [])
+        series = [s for target in targets for s in target]
         if panel["type"] == "timeseries":
             _timeseries(ax, series, start)
         elif panel["type"] == "state-timeline":
-            mapping = panel["fieldConfig"]["defaults"]["mappings"]
-            colors = {
-                float(value): ("none" if opt["color"] == "transparent" else _color(opt["color"]))
-                for m in mapping
-                for value, opt in m["options"].items()
-            }
-            _timeline(ax, series, start, colors)
+            rows = [
+                (s, _colors(panel, panel["targets"][i]["refId"]))
+                for i, target in enumerate(targets)
+                for s in target
+            ]
+            _timeline(ax, rows, start)
         else:
             _table(ax, series)
     fig.savefig(path, facecolor=BG, dpi=80)
     return path
+
+
+def _colors(panel: dict[str, Any], ref: str) -> dict[float, str]:
+    """Value -> colour of one target: its override's mappings, else the panel's."""
+    mappings = panel["fieldConfig"]["defaults"]["mappings"]
+    for override in panel["fieldConfig"]["overrides"]:
+        if override["matcher"]["options"] == ref:
+            mappings = override["properties"][0]["value"]
+    return {
+        float(value): ("none" if opt["color"] == "transparent" else _color(opt["color"]))
+        for m in mappings
+        for value, opt in m["options"].items()
+    }
 
 
 def _color(name: str) -> str:
