@@ -313,14 +313,14 @@ def _kafka_ready() -> bool:
 # --- InfluxDB ---------------------------------------------------------------------------
 
 
-def _influx_prepare(n: str) -> Callable[[], None]:
-    def prepare() -> None:
-        p = ports()
-        home = stack_dir() / f"influx-{n}"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "influxdb.conf").write_text(
-            f"""reporting-disabled = true
-bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
+def influx_config(
+    home: Path, http_port: int, rpc_port: int, *, auth: bool = False, max_series: int = 0
+) -> str:
+    """The influxdb.conf of a loopback InfluxDB 1.x with its data under ``home`` (also used by
+    tests that start a dedicated one: auth on, or a series limit)."""
+    limit = f"\n  max-series-per-database = {max_series}" if max_series else ""
+    return f"""reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
 [meta]
   dir = "{home}/meta"
   logging-enabled = false
@@ -328,16 +328,16 @@ bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
   dir = "{home}/data"
   wal-dir = "{home}/wal"
   query-log-enabled = false
-  index-version = "inmem"
+  index-version = "inmem"{limit}
 [coordinator]
   log-queries-after = "0s"
 [monitor]
   store-enabled = false
 [http]
   enabled = true
-  bind-address = "127.0.0.1:{p[f"influx_{n}"]}"
+  bind-address = "127.0.0.1:{http_port}"
   log-enabled = false
-  auth-enabled = {"true" if n in INFLUX18_NAMES else "false"}
+  auth-enabled = {"true" if auth else "false"}
 [subscriber]
   enabled = false
 [continuous_queries]
@@ -345,6 +345,15 @@ bind-address = "127.0.0.1:{p[f"influx_{n}_rpc"]}"
 [logging]
   level = "warn"
 """
+
+
+def _influx_prepare(n: str) -> Callable[[], None]:
+    def prepare() -> None:
+        p = ports()
+        home = stack_dir() / f"influx-{n}"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "influxdb.conf").write_text(
+            influx_config(home, p[f"influx_{n}"], p[f"influx_{n}_rpc"], auth=n in INFLUX18_NAMES)
         )
 
     return prepare

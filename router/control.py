@@ -46,6 +46,7 @@ from router.status import (
     tp_name,
 )
 from router.topology import ClusterConfig, KafkaConfig, RouteConfig, Topology
+from router.worker import Worker
 
 log = structlog.get_logger("router")
 
@@ -146,7 +147,7 @@ def route_view(route: RouteConfig) -> RouteView:
     )
 
 
-class ControlLoop:
+class ControlLoop(Worker):
     def __init__(
         self,
         *,
@@ -175,9 +176,7 @@ class ControlLoop:
         self._lock = threading.Lock()
         self._routes: dict[str, RouteRuntime] = {}
         self._published: dict[str, RouteSnapshot] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        Worker.__init__(self, "control")
         self.last_tick = 0.0  # wall-clock time of the last pass (0: none yet)
 
     # --- the route table (reload thread) ------------------------------------------------
@@ -211,18 +210,6 @@ class ControlLoop:
         return self._published
 
     # --- the thread ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     @property
     def running(self) -> bool:

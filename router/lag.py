@@ -39,6 +39,7 @@ import structlog
 from router.errors import SourceError
 from router.kafka import lag_of
 from router.offsets import NO_OFFSET, Marks, TopicPart
+from router.worker import Worker
 
 log = structlog.get_logger("router")
 
@@ -130,7 +131,7 @@ class RouteLag:
         return got
 
 
-class LagReader:
+class LagReader(Worker):
     def __init__(
         self,
         admin: OffsetReader,
@@ -157,9 +158,7 @@ class LagReader:
         self._failing: dict[str, str] = {}  # route -> error; the reader thread's own
         self._last_full = float("-inf")
         self.last_pass = 0.0  # monotonic time the last full pass ended (0: none yet)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lag", daemon=True)
+        Worker.__init__(self, "lag", stop_timeout=5.0)
 
     # --- what to read (any thread) ------------------------------------------------------
 
@@ -188,16 +187,7 @@ class LagReader:
         with self._lock:
             return self._latest.get(route)
 
-    # --- the reader thread ----------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)  # a read stuck in Kafka is left behind (daemon thread)
+    # --- the reader thread (stop() leaves a read stuck in Kafka behind: a daemon thread) ----
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -37,6 +37,7 @@ from router.errors import ConfigError, RouterError
 from router.metrics import Metrics
 from router.status import DestinationView, LeaveView, RouteSnapshot
 from router.topology import Topology
+from router.worker import Worker
 
 log = structlog.get_logger("router")
 
@@ -301,7 +302,7 @@ class Rebuilder:
         return out
 
 
-class Reloader:
+class Reloader(Worker):
     def __init__(
         self,
         *,
@@ -327,18 +328,7 @@ class Reloader:
         self._submitted: Topology | None = None
         self._submit_lock = threading.Lock()
         self.error = ""  # why the watched file was refused ("" while it is valid)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reload", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        Worker.__init__(self, "reload")
 
     def submit(self, topology: Topology) -> None:
         """Apply this (valid) topology on the reload thread, soon; a later one replaces it."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import structlog
 
 from router.errors import RouterError, SinkMisconfigured
+from router.worker import Worker
 
 __all__ = ["CAP", "FIRST", "FLAP_WINDOW", "JITTER", "Reprober", "probe_delay"]
 
@@ -62,7 +63,7 @@ class _Entry:
     version: object = _UNSEEN  # the secret version the last probe (or the refusal) saw
 
 
-class Reprober:
+class Reprober(Worker):
     def __init__(
         self,
         *,
@@ -84,9 +85,7 @@ class Reprober:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._recovered: dict[str, tuple[float, int]] = {}  # cluster -> (when, probes it took)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reprobe", daemon=True)
+        Worker.__init__(self, "reprobe")
 
     # --- any thread -----------------------------------------------------------------------
 
@@ -114,15 +113,6 @@ class Reprober:
         now = self._clock()
         with self._lock:
             return {c: max(0.0, e.due - now) for c, e in self._entries.items()}
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     # --- the reprobe thread ---------------------------------------------------------------
 

@@ -6,15 +6,17 @@ other's data even though they share one Kafka and three InfluxDBs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from devstack.stack import influx_config
 from router.kafka import KafkaAdmin
 from router.offsets import TopicPart
 from tests.support import influx_count, wait_until
@@ -353,3 +356,41 @@ def delete_proxy(toxiproxy_url: str, name: str) -> None:
     resp = httpx.delete(f"{toxiproxy_url}/proxies/{name}", timeout=5)
     if resp.status_code != 404:
         resp.raise_for_status()
+
+
+@contextlib.contextmanager
+def dedicated_influx(
+    home: Path, *, auth: bool = False, max_series: int = 0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A loopback InfluxDB 1.6 of one test module (its own ports and data under ``home``):
+    yields (URL, process) once it answers /ping; stopped at the end. Fails, never skips, when
+    it cannot start."""
+    http_port, rpc_port = free_port(), free_port()
+    conf = home / "influxdb.conf"
+    conf.write_text(influx_config(home, http_port, rpc_port, auth=auth, max_series=max_series))
+    influxd = shutil.which("influxd") or "/usr/bin/influxd"
+    url = f"http://127.0.0.1:{http_port}"
+    with (home / "influxd.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [influxd, "run", "-config", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                text = (home / "influxd.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"influxd exited {proc.returncode}: {text}")
+            try:
+                return httpx.get(f"{url}/ping", timeout=1).status_code == 204
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30, what=f"dedicated influxd on {url}")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

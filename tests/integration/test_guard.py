@@ -8,8 +8,6 @@ a dedicated ``influxd`` (its own ports and data directory) and fails if it canno
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from tests.integration.harness import RouterProc, Scenario, free_port, new_tag, write_yaml
+from tests.integration.harness import RouterProc, Scenario, dedicated_influx, new_tag, write_yaml
 from tests.support import influx_query, wait_until
 
 pytestmark = pytest.mark.integration
@@ -184,65 +182,10 @@ def limited_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     loopback ports, its own data directory, database ``metrics``; stopped at the end. It
     fails, never skips, when it cannot start."""
     home = tmp_path_factory.mktemp("influx-limited")
-    http_port, rpc_port = free_port(), free_port()
-    conf = home / "influxdb.conf"
-    conf.write_text(
-        f"""reporting-disabled = true
-bind-address = "127.0.0.1:{rpc_port}"
-[meta]
-  dir = "{home}/meta"
-  logging-enabled = false
-[data]
-  dir = "{home}/data"
-  wal-dir = "{home}/wal"
-  query-log-enabled = false
-  index-version = "inmem"
-  max-series-per-database = {SERIES_LIMIT}
-[coordinator]
-  log-queries-after = "0s"
-[monitor]
-  store-enabled = false
-[http]
-  enabled = true
-  bind-address = "127.0.0.1:{http_port}"
-  log-enabled = false
-  auth-enabled = false
-[subscriber]
-  enabled = false
-[continuous_queries]
-  enabled = false
-[logging]
-  level = "warn"
-"""
-    )
-    influxd = shutil.which("influxd") or "/usr/bin/influxd"
-    url = f"http://127.0.0.1:{http_port}"
-    with (home / "influxd.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [influxd, "run", "-config", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-
-            def up() -> bool:
-                if proc.poll() is not None:
-                    text = (home / "influxd.log").read_text(errors="replace")[-2000:]
-                    raise AssertionError(f"influxd exited {proc.returncode}: {text}")
-                try:
-                    return httpx.get(f"{url}/ping", timeout=1).status_code == 204
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(up, timeout=30, what=f"dedicated influxd on {url}")
-            resp = httpx.post(f"{url}/query", data={"q": "CREATE DATABASE metrics"}, timeout=10)
-            resp.raise_for_status()
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    with dedicated_influx(home, max_series=SERIES_LIMIT) as (url, _proc):
+        resp = httpx.post(f"{url}/query", data={"q": "CREATE DATABASE metrics"}, timeout=10)
+        resp.raise_for_status()
+        yield url
 
 
 def test_influxdb_series_limit_dead_letters_the_lines_over_it_without_a_failover(

@@ -8,8 +8,6 @@ on free ports, and stops it at the end.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from router.reprobe import CAP
 from tests.integration.harness import (
     RouterProc,
     Scenario,
-    free_port,
+    dedicated_influx,
     new_tag,
     wait_paused,
     write_yaml,
@@ -74,49 +72,11 @@ class AuthInflux:
 
 @pytest.fixture(scope="module")
 def auth_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthInflux]:
+    """A dedicated InfluxDB 1.6 with authentication on (the devstack's 1.6 run without it), an
+    admin user and the test database; stopped at the end."""
     home = tmp_path_factory.mktemp("auth-influx")
-    http, rpc = free_port(), free_port()
-    conf = home / "influxdb.conf"
-    conf.write_text(
-        f"""reporting-disabled = true
-bind-address = "127.0.0.1:{rpc}"
-[meta]
-  dir = "{home}/meta"
-  logging-enabled = false
-[data]
-  dir = "{home}/data"
-  wal-dir = "{home}/wal"
-  query-log-enabled = false
-  index-version = "inmem"
-[monitor]
-  store-enabled = false
-[http]
-  enabled = true
-  bind-address = "127.0.0.1:{http}"
-  log-enabled = false
-  auth-enabled = true
-[subscriber]
-  enabled = false
-[continuous_queries]
-  enabled = false
-[logging]
-  level = "warn"
-"""
-    )
-    influxd = shutil.which("influxd") or "/usr/bin/influxd"
-    with (home / "influxd.log").open("ab") as log:
-        proc = subprocess.Popen([influxd, "run", "-config", str(conf)], stdout=log, stderr=log)
-    server = AuthInflux(f"http://127.0.0.1:{http}", proc)
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, f"influxd exited: {(home / 'influxd.log').read_text()}"
-            try:
-                return httpx.get(f"{server.url}/ping", timeout=1).status_code == 204
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout=30, what="the authenticating influxd")
+    with dedicated_influx(home, auth=True) as (url, proc):
+        server = AuthInflux(url, proc)
         # the first user may be created without credentials, and must be an admin
         resp = httpx.post(
             f"{server.url}/query",
@@ -125,13 +85,6 @@ bind-address = "127.0.0.1:{rpc}"
         resp.raise_for_status()
         server.query(f"CREATE DATABASE {DATABASE}")
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 class World:
