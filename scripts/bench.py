@@ -2,6 +2,7 @@
 
     .venv/bin/python -m scripts.bench [--points 1000000] [--lines 20]
     .venv/bin/python -m scripts.bench --guard [--points 1000000]
+    .venv/bin/python -m scripts.bench --discard [--points 1000000]
 
 1. throughput: a backlog of --points points (--lines points per Kafka message) is written by
    the router to one InfluxDB (direct URL, no proxy); points/s from start to the last commit.
@@ -12,6 +13,11 @@
 limits) costs: the throughput run of 1. with 1-line and 20-line messages, each with the guard
 off and on, reporting the router process's CPU time (user + system, from /proc) per point;
 then the guard alone, in this process, on the same messages.
+
+--discard measures the router's own cost per point: the same backlog, 1-line and 20-line
+messages, written to a discarding sink (a small HTTP server in this process that answers 204 to
+every write), reporting the router process's CPU time per point from its first write to its last
+(and from ready to the last commit, start-up included) and the points/s.
 
 Run ``./dev stack up`` first (or let ``./dev bench`` do it).
 """
@@ -288,6 +294,88 @@ def guard_bench(env: dict[str, str], admin: KafkaAdmin, kadmin: AdminClient, poi
         )
 
 
+class DiscardSink:
+    """An InfluxDB stand-in that reads and drops every write (204) and answers /ping; it notes
+    the router's CPU time at its first and last write."""
+
+    def __init__(self) -> None:
+        import http.server  # noqa: PLC0415 - only the bench needs it
+
+        outer = self
+        self.pid = 0
+        self.requests = 0
+        self.cpu_first = self.cpu_last = 0.0
+        self.t_first = self.t_last = 0.0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _answer(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self._answer()
+
+            def do_HEAD(self) -> None:
+                self._answer()
+
+            def do_POST(self) -> None:
+                self._answer()
+                if self.path.startswith(("/write", "/api/v2/write")) and outer.pid:
+                    cpu, now = cpu_seconds(outer.pid), time.monotonic()
+                    if not outer.requests:
+                        outer.cpu_first, outer.t_first = cpu, now
+                    outer.cpu_last, outer.t_last = cpu, now
+                    outer.requests += 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def discard_bench(env: dict[str, str], admin: KafkaAdmin, kadmin: AdminClient, points: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="frouter-bench-discard-"))
+    for lines, gzip in ((1, True), (1, False), (20, True), (20, False)):
+        tag = uuid.uuid4().hex[:8]
+        topic = f"bench.{tag}"
+        create_topics(kadmin, topic, tag)
+        produce(env["KAFKA_BOOTSTRAP"], topic, points, lines, tag)
+        sink = DiscardSink()
+        doc = topology(env, topic, tag, sink.url, free_port())
+        doc["clusters"]["influx-a"]["gzip"] = gzip
+        proc = run_router(doc, work)
+        cpu0 = cpu_seconds(proc.pid)
+        sink.pid = proc.pid
+        secs = wait_committed(admin, f"bench-{tag}.bench.influx-a", topic, 900)
+        cpu_all = cpu_seconds(proc.pid) - cpu0
+        proc.terminate()
+        proc.wait(60)
+        sink.close()
+        writing = sink.cpu_last - sink.cpu_first
+        span = max(sink.t_last - sink.t_first, 1e-9)
+        print(
+            f"discarding sink, {points} points, {lines} points/message, gzip {gzip}: router CPU "
+            f"{writing / points * 1e6:.2f} us/point from first to last write "
+            f"({cpu_all / points * 1e6:.2f} with start-up); {points / span:,.0f} points/s "
+            f"while writing, {points / secs:,.0f} points/s ready-to-commit; "
+            f"{sink.requests} writes",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--points", type=int, default=1_000_000)
@@ -297,12 +385,20 @@ def main() -> None:
         action="store_true",
         help="measure the CPU the route guard costs (1- and 20-line messages, off and on)",
     )
+    ap.add_argument(
+        "--discard",
+        action="store_true",
+        help="the router's CPU per point into a discarding sink (1- and 20-line messages)",
+    )
     args = ap.parse_args()
     env = stack.endpoints()
     admin = KafkaAdmin({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]})
     kadmin = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]})
     if args.guard:
         guard_bench(env, admin, kadmin, args.points)
+        return
+    if args.discard:
+        discard_bench(env, admin, kadmin, args.points)
         return
     work = Path(tempfile.mkdtemp(prefix="frouter-bench-"))
 
