@@ -418,7 +418,9 @@ class Destination:
             n = len(value)
             if size + n >= max_bytes:  # full, or a message larger than a batch: the slow way
                 b.points, b.size, b.messages = points, size, count
-                seen.pop(tp)
+                # every message of tp before this one is complete in b or an earlier batch:
+                # b must carry that, or a later batch could commit past b while it is in flight
+                seen[tp] = offset - 1
                 self._close_seen(b, seen)
                 for full in batcher.add(tp, offset, value):
                     self._submit(full)

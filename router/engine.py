@@ -16,6 +16,7 @@ Threads (each part's module says what its thread may touch):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -337,9 +338,24 @@ class Router:
         )
         return new, current
 
+    def _revive_memberships(self) -> None:
+        """Reload thread, every pass: a route membership whose thread ended (a fatal consumer
+        error) is replaced by a new one that its destinations' sources join."""
+        with self._memberships_lock:
+            dead = [(r, m) for r, m in self._memberships.items() if m.started and not m.alive]
+        for route, old in dead:
+            fresh = RouteMembership(route, old.group, old.topics, self._kafka_config)
+            for member in old.detach_all():
+                fresh.attach(member)
+            with self._memberships_lock:
+                self._memberships[route] = fresh
+            log.error("membership_rebuilt", route=route, reason=old.error or "thread ended")
+            fresh.start()
+
     def _watch_kafka_secrets(self) -> None:
         """Reload thread, every pass: a Kafka secret rotated under an unchanged kafka: section
         (a SASL password file) is applied like a change of the section."""
+        self._revive_memberships()
         if self._kafka_error:
             return  # waits for the next edit of the topology
         try:
@@ -579,7 +595,8 @@ class Router:
     def _down_reason(self, name: str, shared: Verdict) -> str:
         local = self._own_health
         if self.shared is not None and local is not None and name in self._unreachable:
-            return f"unreachable from this replica: {local.verdict(name).reason}"
+            with contextlib.suppress(KeyError):  # removed by a reload meanwhile
+                return f"unreachable from this replica: {local.verdict(name).reason}"
         return shared.reason
 
     def _publish_consul_metrics(self) -> None:
@@ -659,7 +676,13 @@ class Router:
         if self._stopping.is_set():
             return []  # stopping on purpose: the loop ends, destinations flush
         last = self.last_tick
-        return status.health_problems(
+        with self._memberships_lock:
+            dead = [
+                f"{r}: route membership ended ({m.error or 'thread ended'})"
+                for r, m in self._memberships.items()
+                if m.started and not m.alive
+            ]
+        return dead + status.health_problems(
             routes,
             loop_alive=self._control.running,
             tick_age=time.time() - last if last else None,

@@ -24,6 +24,7 @@ from it only through ``grant``/``revoke``/``fence``, which are thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,7 @@ class RouteMembership:
     ) -> None:
         self.route = route
         self.group = group
+        self.topics = tuple(topics)
         self._topics = list(topics)
         try:
             self._consumer = Consumer(
@@ -98,17 +100,26 @@ class RouteMembership:
         return self._thread.is_alive()
 
     @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def detach_all(self) -> list[Member]:
+        with self._lock:
+            members, self._members = self._members, []
+        return members
+
+    @property
     def owned(self) -> frozenset[TopicPart]:
         with self._lock:
             return frozenset(self._owned)
 
     def attach(self, member: Member) -> None:
         """Add a destination's source; it is granted what this replica owns right now."""
-        with self._lock:
+        with self._lock:  # granted under the lock: no revoke can be queued before this grant
             self._members.append(member)
             owned = sorted(self._owned)
-        if owned:
-            member.grant(owned)
+            if owned:
+                member.grant(owned)
 
     def detach(self, member: Member) -> None:
         with self._lock:
@@ -132,6 +143,9 @@ class RouteMembership:
         self._stop.set()
         if self._thread.ident:
             self._thread.join(timeout)
+        else:  # never started: its consumer handle is closed here, not by the thread
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self._consumer.close()
 
     def _run(self) -> None:
         try:
@@ -162,11 +176,10 @@ class RouteMembership:
         tps = sorted((tp.topic, tp.partition) for tp in partitions)
         with self._lock:
             self._owned.update(tps)
-            members = list(self._members)
             owned = len(self._owned)
+            for m in self._members:
+                m.grant(tps)
         self.rebalances += 1
-        for m in members:
-            m.grant(tps)
         log.info("partitions_owned", route=self.route, added=len(tps), owned=owned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -204,6 +204,8 @@ class AssignedSource(_ConsumerSource):
     # --- membership thread ---
 
     def grant(self, tps: Sequence[TopicPart]) -> None:
+        with self._commit_lock:  # ours again from now (a late, stale grant cannot unfence)
+            self._fenced.difference_update(tps)
         self._requests.put((list(tps), None))
 
     def revoke(self, tps: Sequence[TopicPart]) -> threading.Event:
@@ -241,8 +243,6 @@ class AssignedSource(_ConsumerSource):
         new = sorted(tp for tp in tps if tp not in self._assigned)
         if not new:
             return
-        with self._commit_lock:
-            self._fenced.difference_update(new)
         starts = self._callbacks[0](new)
         try:
             self._assign_at(_tps(new), starts, incremental=True)

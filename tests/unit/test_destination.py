@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import pytest
@@ -13,6 +14,7 @@ from router.destination import Destination, DestinationSpec, State
 from router.metrics import Metrics
 from router.offsets import TopicPart
 from router.policy import StartFrom
+from router.sink import Rejected
 from tests.support import wait_until
 from tests.unit.fakes import (
     FakeAdmin,
@@ -259,3 +261,33 @@ def test_a_standby_remembers_its_window_and_replays_it_once_primary(rig: Rig) ->
     wait_until(lambda: rig.committed_to_end(P0), timeout=10, what="at the end again")
     assert {int(x.split(b"=")[1].split(b"i")[0]) for x in rig.sink.lines} == set(range(50))
     assert rig.kafka.metadata[SPEC.group][P0] == ""
+
+
+def test_a_batch_closed_by_an_overflowing_message_holds_its_partition_back() -> None:
+    """Small messages then one that overflows the batch, all in one poll: the first batch
+    still records the partition, so while its write hangs nothing is committed past it."""
+    r = make_rig(replace(SPEC, max_points=1000, max_bytes=100))
+    gate = threading.Event()
+    calls: list[int] = []
+    write = r.sink.write
+
+    def first_write_waits(payloads: Sequence[bytes]) -> list[Rejected]:
+        calls.append(len(payloads))
+        if len(calls) == 1:
+            gate.wait(10)
+        return write(payloads)
+
+    r.sink.write = first_write_waits  # type: ignore[method-assign]
+    r.kafka.produce(P0, *(f"m v={i}i {i}".encode() for i in range(5)), b"m v=5i " + b"5" * 70)
+    r.source.rebalance([P0])
+    r.dest.start()
+    try:
+        r.dest.activate(StartFrom.OWN)
+        wait_until(lambda: len(calls) >= 2, timeout=10, what="both batches sent")
+        wait_until(lambda: r.dest.status.in_flight == 1, timeout=10, what="second settled")
+        assert r.kafka.committed(SPEC.group).get(P0, 0) == 0  # held behind the first batch
+        gate.set()
+        wait_until(lambda: r.committed_to_end(P0), timeout=10, what="commit to the end")
+    finally:
+        gate.set()
+        r.dest.stop(timeout=10)
