@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -394,3 +395,29 @@ def dedicated_influx(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def read_letters(sc: Scenario, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    """The records of the test's dead-letter topic, (value, headers), once there are at least
+    ``count``; a further second of reading catches any beyond it."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": sc.bootstrap,
+            "group.id": f"dlq-read-{sc.tag}-{time.monotonic_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": "false",
+        }
+    )
+    consumer.subscribe([sc.dead_letter_topic])
+    got: list[Any] = []
+
+    def enough() -> bool:
+        got.extend(m for m in consumer.consume(500, 0.5) if m.error() is None)
+        return len(got) >= count
+
+    try:
+        wait_until(enough, timeout=30, what=f"{count} records in {sc.dead_letter_topic}")
+        got.extend(m for m in consumer.consume(500, 1.0) if m.error() is None)
+    finally:
+        consumer.close()
+    return [(bytes(m.value() or b""), dict(m.headers() or [])) for m in got]

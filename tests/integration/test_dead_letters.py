@@ -10,17 +10,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from structlog.testing import capture_logs
 
 from router.errors import DeadLetterError
 from router.kafka import DeadLetter, DeadLetterProducer
-from tests.integration.harness import RouterProc, Scenario, new_tag, write_yaml
+from tests.integration.harness import RouterProc, Scenario, new_tag, read_letters, write_yaml
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -50,30 +49,6 @@ def producer(sc: Scenario) -> Iterator[DeadLetterProducer]:
 def letter(sc: Scenario, offset: int, line: bytes | None = None) -> DeadLetter:
     body = line if line is not None else f"{sc.measurement} value=oops{offset} 1".encode()
     return DeadLetter(body, "invalid field format", sc.topic, 2, offset, "influx-a", "r")
-
-
-def read_letters(sc: Scenario, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
-    """The first ``count`` records of the dead-letter topic: (value, headers)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": sc.bootstrap,
-            "group.id": f"dlq-read-{sc.tag}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": "false",
-        }
-    )
-    consumer.subscribe([sc.dead_letter_topic])
-    got: list[Any] = []
-
-    def enough() -> bool:
-        got.extend(m for m in consumer.consume(100, 0.5) if m.error() is None)
-        return len(got) >= count
-
-    try:
-        wait_until(enough, timeout=30, what=f"{count} records in {sc.dead_letter_topic}")
-    finally:
-        consumer.close()
-    return [(bytes(m.value() or b""), dict(m.headers() or [])) for m in got]
 
 
 def test_letters_to_an_existing_topic_are_stored_with_every_header(

@@ -15,10 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
-from tests.integration.harness import RouterProc, Scenario, dedicated_influx, new_tag, write_yaml
-from tests.support import influx_query, wait_until
+from tests.integration.harness import (
+    RouterProc,
+    Scenario,
+    dedicated_influx,
+    new_tag,
+    read_letters,
+    write_yaml,
+)
+from tests.support import influx_query
 
 pytestmark = pytest.mark.integration
 
@@ -63,31 +70,6 @@ def produce(sc: Scenario, messages: list[bytes]) -> None:
 
 def chunks(lines: list[bytes], size: int) -> list[bytes]:
     return [b"\n".join(lines[i : i + size]) for i in range(0, len(lines), size)]
-
-
-def read_letters(sc: Scenario, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
-    """The first ``count`` records of the test's dead-letter topic: (value, headers)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": sc.bootstrap,
-            "group.id": f"guard-read-{sc.tag}-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": "false",
-        }
-    )
-    consumer.subscribe([sc.dead_letter_topic])
-    got: list[Any] = []
-
-    def enough() -> bool:
-        got.extend(m for m in consumer.consume(500, 0.5) if m.error() is None)
-        return len(got) >= count
-
-    try:
-        wait_until(enough, timeout=30, what=f"{count} records in {sc.dead_letter_topic}")
-        got.extend(m for m in consumer.consume(500, 1.0) if m.error() is None)  # none extra
-    finally:
-        consumer.close()
-    return [(bytes(m.value() or b""), dict(m.headers() or [])) for m in got]
 
 
 def count_of(url: str, db: str, measurement: str, field: str) -> int:

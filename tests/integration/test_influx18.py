@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from devstack import stack
 from devstack.toxiproxy import Toxiproxy
@@ -30,6 +30,7 @@ from tests.integration.harness import (
     RouterProc,
     Scenario,
     new_tag,
+    read_letters,
     wait_paused,
 )
 from tests.integration.test_router import World, produce_in_background
@@ -161,28 +162,6 @@ def world(stack_env: dict[str, str], toxiproxy: Toxiproxy, tmp_path: Path) -> It
     w = World18(stack_env, tmp_path, toxiproxy)
     yield w
     w.close()
-
-
-def read_letters(sc: Scenario, expected: int) -> list[Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": sc.bootstrap,
-            "group.id": f"dlq-{sc.tag}",
-            "auto.offset.reset": "earliest",
-        }
-    )
-    consumer.subscribe([sc.dead_letter_topic])
-    letters: list[Any] = []
-
-    def enough() -> bool:
-        letters.extend(consumer.consume(100, 0.5))
-        return len(letters) >= expected
-
-    try:
-        wait_until(enough, timeout=30, what=f"{expected} dead letters")
-    finally:
-        consumer.close()
-    return letters
 
 
 # --- the servers' own answers ---------------------------------------------------------------
@@ -426,12 +405,10 @@ def test_v2_partial_writes_and_type_conflicts_go_to_dead_letters(world: World18)
 
     reasons: dict[str, int] = {}
     seen = set()  # 10 lines 1.8 cannot parse (i // 100 odd), 10 type conflicts (even)
-    for msg in read_letters(sc, len(bad)):
-        headers = {k: v.decode() for k, v in msg.headers() or []}
+    for value, raw in read_letters(sc, len(bad)):
+        headers = {k: v.decode() for k, v in raw.items()}
         i = int(headers["source_offset"]) * sc.partitions + int(headers["source_partition"])
-        assert bytes(msg.value() or b"").decode() == sc.line(
-            i, f"oops{i}" if i // 100 % 2 else f'"s{i}"'
-        )
+        assert value.decode() == sc.line(i, f"oops{i}" if i // 100 % 2 else f'"s{i}"')
         assert (headers["cluster"], headers["route"]) == ("influx-d", ROUTE)
         kind = "parse" if i // 100 % 2 else "conflict"
         prefix = "unable to parse '" if kind == "parse" else "field type conflict: "
