@@ -152,7 +152,8 @@ class InfluxTarget:
     token: str | None = field(default=None, repr=False)
     timeout: float = 5.0
     max_retries: int = 3
-    gzip: bool = True
+    compression: Literal["none", "gzip"] = "gzip"
+    compression_level: int = 1  # gzip: 1 (fastest) .. 9
     credentials: Callable[[], Credentials] | None = field(default=None, repr=False, compare=False)
 
     def current_credentials(self) -> Credentials:
@@ -233,7 +234,7 @@ class InfluxSink:
         self._rr_lock = threading.Lock()
         self._closed = False
         headers = {"Content-Type": "text/plain; charset=utf-8", "User-Agent": "failover-router"}
-        if target.gzip:
+        if target.compression == "gzip":
             headers["Content-Encoding"] = "gzip"
         if target.api == "v1":
             self._path = "/write"
@@ -385,7 +386,9 @@ class InfluxSink:
         """POST the chunks; return (200|204|400|413|422, server message) or raise a SinkError."""
         target = self._target
         body = _join(chunks)
-        content = gzip.compress(body, compresslevel=1, mtime=0) if target.gzip else body
+        content = body
+        if target.compression == "gzip":
+            content = gzip.compress(body, compresslevel=target.compression_level, mtime=0)
         self._credentials()  # unreadable: misconfigured before any node is tried
         with self._rr_lock:
             start = next(self._rr)

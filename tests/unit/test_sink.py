@@ -183,7 +183,7 @@ def test_body_is_gzipped_with_header(make_sink: Callable[..., InfluxSink]) -> No
 def test_gzip_off_sends_plain_body(make_sink: Callable[..., InfluxSink]) -> None:
     """With gzip off, the body is the joined line protocol and has no Content-Encoding."""
     script = Script([httpx.Response(204)])
-    make_sink(script, target=target(gzip=False)).write([b"m value=1 1"])
+    make_sink(script, target=target(compression="none")).write([b"m value=1 1"])
     request = script.requests[0]
     assert "content-encoding" not in request.headers
     assert request.content == b"m value=1 1\n"
