@@ -152,7 +152,7 @@ class InfluxTarget:
     token: str | None = field(default=None, repr=False)
     timeout: float = 5.0
     max_retries: int = 3
-    compression: Literal["none", "gzip"] = "gzip"
+    compression: Literal["none", "gzip"] = "none"
     compression_level: int = 1  # gzip: 1 (fastest) .. 9
     credentials: Callable[[], Credentials] | None = field(default=None, repr=False, compare=False)
 

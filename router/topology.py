@@ -556,8 +556,8 @@ class ClusterConfig(_Model):
     max_retries: int = Field(default=3, ge=0, le=20)
     # how long one batch may take with its retries; None: max(60s, 4 x (retries+1) x timeout)
     write_deadline: Duration | None = Field(default=None, gt=0)
-    # request bodies: none (same network: InfluxDB spends less CPU) or gzip (a WAN link)
-    compression: Literal["none", "gzip"] = "gzip"
+    # request bodies: none (same network: less CPU on both sides) or gzip (a WAN link)
+    compression: Literal["none", "gzip"] = "none"
     compression_level: int = Field(default=1, ge=1, le=9)
 
     def credentials(self) -> tuple[str, str] | None:

@@ -12,9 +12,7 @@ from router.offsets import TopicPart
 
 
 def _shape(batches: list[Batch]) -> list[tuple[object, ...]]:
-    return [
-        (b.values, b.origins, b.offsets, b.last, b.points, b.size, b.messages) for b in batches
-    ]
+    return [(b.values, b.origins, b.offsets, b.last, b.points, b.size, b.messages) for b in batches]
 
 
 def _messages(rng: random.Random, n: int, multi_line: bool) -> list[tuple[TopicPart, int, bytes]]:

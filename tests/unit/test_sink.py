@@ -182,16 +182,19 @@ def test_payloads_are_joined_with_a_newline_between_them(
 def test_body_is_gzipped_with_header(make_sink: Callable[..., InfluxSink]) -> None:
     """With gzip on, the body is gzip data and the request says Content-Encoding: gzip."""
     script = Script([httpx.Response(204)])
-    make_sink(script).write([b"m value=1 1"])
+    make_sink(script, target=target(compression="gzip", compression_level=6)).write(
+        [b"m value=1 1"]
+    )
     request = script.requests[0]
     assert request.headers["content-encoding"] == "gzip"
     assert gzip.decompress(request.content) == b"m value=1 1\n"
 
 
 def test_gzip_off_sends_plain_body(make_sink: Callable[..., InfluxSink]) -> None:
-    """With gzip off, the body is the joined line protocol and has no Content-Encoding."""
+    """With gzip off (the default), the body is the joined line protocol and has no
+    Content-Encoding."""
     script = Script([httpx.Response(204)])
-    make_sink(script, target=target(compression="none")).write([b"m value=1 1"])
+    make_sink(script).write([b"m value=1 1"])
     request = script.requests[0]
     assert "content-encoding" not in request.headers
     assert request.content == b"m value=1 1\n"

@@ -96,7 +96,7 @@ def test_minimal_topology_takes_documented_defaults() -> None:
     assert (route.batch.linger, route.batch.max_in_flight) == (0.2, 4)
     assert (cluster.api, cluster.precision, cluster.write_timeout) == ("v1", "ns", 5.0)
     assert (cluster.min_healthy, cluster.max_retries, cluster.drain) == (1, 3, False)
-    assert (cluster.compression, cluster.compression_level) == ("gzip", 1)
+    assert (cluster.compression, cluster.compression_level) == ("none", 1)
     assert (topology.health.interval, topology.health.fall) == (1.0, 3)
     assert topology.kafka.group_prefix == "frouter"
 
