@@ -34,6 +34,11 @@ backlog
     ``--backlog-points`` piled up in Kafka while influx-a is cut off through Toxiproxy (the
     router's RSS sampled every 0.2 s while it piles up), then replayed after the restore:
     replay points/s (first to last commit) against the ceiling through the same proxy.
+floor
+    What no router built on confluent-kafka goes below: this process reads the same backlog
+    (1 and 20 lines per message) with a bare consumer (``consume(1000)``, the router's fetch
+    settings, nothing done with the messages); its CPU per message and per point, librdkafka's
+    threads included.
 guard
     The route guard's cost: 1- and 20-line messages into the discarding sink, guard off and on,
     router CPU per point from first to last write; then the guard alone, in this process.
@@ -56,6 +61,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from devstack import stack
 from devstack.toxiproxy import Toxiproxy
@@ -83,7 +90,7 @@ from scripts.bench.harness import (
     wait_until,
 )
 
-PARTS = ("discard", "influx", "compression", "scale", "backlog", "guard")
+PARTS = ("discard", "influx", "compression", "scale", "backlog", "floor", "guard")
 DEFAULT_PARTS = PARTS[:-1]
 GROUP = "bench-{tag}.bench.influx-a"  # the destination group of the bench's one route
 
@@ -828,6 +835,64 @@ def guard_part(opts: Options, sink: SinkProcess) -> None:
         )
 
 
+# --- floor ----------------------------------------------------------------------------------
+
+
+def floor_once(opts: Options, shape: int) -> tuple[float, float, int]:
+    """(CPU seconds of this process from the first message to the last, wall seconds,
+    messages) for a bare consumer reading ``opts.points`` points of ``shape`` lines/message."""
+    topic, tag = new_topic(opts.env)
+    produce(opts.env, topic, opts.points, shape, f"bench_{tag}")
+    messages = -(-opts.points // shape)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": opts.env.kafka,
+            "group.id": f"bench-floor-{tag}",
+            "enable.auto.commit": "false",
+            "queued.max.messages.kbytes": "16384",  # the router's setting
+            **opts.env.client_config,
+        }
+    )
+    try:
+        consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(opts.env.partitions)]
+        )
+        got, cpu0, wall0 = 0, 0.0, 0.0
+        deadline = time.monotonic() + 600
+        while got < messages and time.monotonic() < deadline:
+            batch = consumer.consume(1000, 1.0)
+            if batch and not got:
+                cpu0, wall0 = time.process_time(), time.monotonic()
+            got += len(batch)
+        return time.process_time() - cpu0, time.monotonic() - wall0, got
+    finally:
+        consumer.close()
+
+
+def floor_part(opts: Options) -> None:
+    with part("floor") as notes:
+        rows = []
+        for shape in opts.shapes:
+            cpu, wall, got = floor_once(opts, shape)
+            points = got * shape
+            rows.append(
+                [
+                    str(shape),
+                    n0(got),
+                    n2(cpu / got * 1e6),
+                    n2(cpu / points * 1e6),
+                    n0(points / wall),
+                ]
+            )
+        emit("### The Kafka client alone (bare consumer, nothing done with the messages)\n")
+        table(["lines/msg", "messages", "CPU µs/message", "CPU µs/point", "points/s"], rows)
+        emit()
+        notes.append(
+            "This process's CPU (librdkafka's threads included) from the first message to the "
+            "last: the floor under the router's CPU per point for the same shape."
+        )
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -952,6 +1017,8 @@ def main(argv: list[str] | None = None) -> None:
         steps.append(("scale", lambda: scale_part(opts, sink)))
     if "backlog" in parts:
         steps.append(("backlog", lambda: backlog_part(opts)))
+    if "floor" in parts:
+        steps.append(("floor", lambda: floor_part(opts)))
     if "guard" in parts and sink is not None:
         steps.append(("guard", lambda: guard_part(opts, sink)))
     try:
