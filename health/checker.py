@@ -13,9 +13,13 @@ query.
 Threads:
 
 - the checker thread (``health-checker``, started by :meth:`HealthChecker.start`) submits one
-  probe per node every ``interval`` to a pool of probe workers, skipping a node whose previous
-  probe is still running. A hung node (a SIGSTOPped InfluxDB) thus holds one worker for at most
-  the httpx ``timeout`` per phase and never delays the probes of other nodes.
+  probe per node every ``interval`` to a pool of probe workers, never two at once to one node:
+  a node whose probe is still running is probed again as soon as that probe ends (so a hung
+  node is probed back to back, one ``timeout`` after the other). A hung node (a SIGSTOPped
+  InfluxDB) thus holds one worker for at most the httpx ``timeout`` per phase and never delays
+  the probes of other nodes. The same thread ends the ``down_after`` windows of
+  :mod:`health.state` on time: it wakes at the earliest window end, so a node whose probe is
+  still hanging goes DOWN then, not when the probe times out.
 - probe workers (``health-probe_N``) run the HTTP request and feed the result into the state.
 - any thread may call ``verdict``, ``healthy_nodes``, ``report_write``, ``subscribe``, ``update``.
 
@@ -137,22 +141,31 @@ class HealthChecker:
         timeout: float,
         fall: int,
         rise: int,
+        down_after: float | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``down_after``: the window of :mod:`health.state` (None: ``fall`` alone decides).
+        ``clock`` gives the verdicts' ``since``; ``monotonic`` measures windows and intervals."""
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be > 0, got {interval} and {timeout}")
         if fall < 1 or rise < 1:
             raise ValueError(f"fall and rise must be >= 1, got {fall} and {rise}")
+        if down_after is not None and not down_after > 0:
+            raise ValueError(f"down_after must be > 0 or None, got {down_after}")
         self._interval = interval
         self._timeout = timeout
         self._fall = fall
         self._rise = rise
+        self._down_after = down_after
         self._clock = clock
+        self._mono = monotonic
         self._lock = threading.Lock()  # guards everything below up to _subscribers
         self._specs: dict[str, ClusterSpec] = {}
         self._health: dict[str, ClusterHealth] = {}
         self._in_flight: set[tuple[str, str]] = set()
+        self._due: dict[tuple[str, str], float] = {}  # (cluster, node) -> next probe (monotonic)
         self._pending: deque[Transition] = deque()
         self._subscribers: list[Subscriber] = []
         self._dispatch_lock = threading.Lock()  # one dispatcher at a time keeps the order
@@ -185,7 +198,9 @@ class HealthChecker:
             self._subscribers.append(callback)
 
     def report_write(self, cluster: str, node: str, ok: bool) -> None:
-        """Count a write like a probe. Unknown clusters/nodes (a topology reload) are ignored."""
+        """Count a write like a probe: a failed one (refused, 5xx, no answer within the
+        cluster's ``write_timeout``) is a failed check, a good one a good answer. Unknown
+        clusters/nodes (a topology reload) are ignored."""
         self._record(cluster, node, ok, "write ok" if ok else "write failed")
 
     # --- life cycle ---------------------------------------------------------------------
@@ -236,7 +251,7 @@ class HealthChecker:
                 raise ValueError(f"cluster {name!r}: unknown flavor {spec.flavor!r}")
             if spec.min_healthy < 1 or len(set(spec.nodes)) != len(spec.nodes):
                 raise ValueError(f"cluster {name!r}: min_healthy < 1 or duplicate node URLs")
-        now = self._clock()
+        now, mono = self._clock(), self._mono()
         with self._lock:
             for name in [name for name in self._health if name not in clusters]:
                 del self._health[name], self._specs[name]
@@ -245,13 +260,25 @@ class HealthChecker:
                 health = self._health.get(name)
                 if health is None:
                     self._health[name] = ClusterHealth(
-                        name, spec.nodes, self._fall, self._rise, spec.min_healthy, now=now
+                        name,
+                        spec.nodes,
+                        self._fall,
+                        self._rise,
+                        spec.min_healthy,
+                        now=now,
+                        down_after=self._down_after,
+                        mono=mono,
                     )
                 else:
-                    transition = health.set_nodes(spec.nodes, now, min_healthy=spec.min_healthy)
+                    transition = health.set_nodes(
+                        spec.nodes, now, min_healthy=spec.min_healthy, mono=mono
+                    )
                     if transition is not None:
                         self._transition(transition)
                 self._specs[name] = spec
+            probed = {(name, node) for name, spec in self._specs.items() for node in spec.nodes}
+            self._due = {key: due for key, due in self._due.items() if key in probed}
+        self._wake.set()  # new nodes are probed at once
 
     def probe_once(self) -> None:
         """Probe every node once, wait for the answers, then deliver pending transitions.
@@ -271,21 +298,40 @@ class HealthChecker:
 
     def _run(self) -> None:
         running: list[Future[None]] = []
-        next_round = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if time.monotonic() >= next_round:
-                    running = [future for future in running if not _finished(future)]
-                    running += self._submit_round()
-                    next_round = max(next_round + self._interval, time.monotonic())
-                self._wake.wait(max(0.0, next_round - time.monotonic()))
-                self._wake.clear()
+                running = [future for future in running if not _finished(future)]
+                running += self._submit_due()
+                self._expire()
                 self._dispatch()
+                self._wake.wait(max(0.0, self._next_wake() - self._mono()))
+                self._wake.clear()
         except BaseException:
             log.critical("health_checker_crashed", exc_info=True)
             raise
 
+    def _submit_due(self) -> list[Future[None]]:
+        """Probe every node whose time has come and whose previous probe has ended. The next
+        one is due an ``interval`` after this one was due (no drift), or at once when this one
+        ends later than that (a hung node is probed back to back)."""
+        now = self._mono()
+        with self._lock:
+            jobs = []
+            for cluster, spec in self._specs.items():
+                for node in spec.nodes:
+                    key = (cluster, node)
+                    due = self._due.get(key, now)
+                    if key in self._in_flight or due > now:
+                        continue
+                    following = due + self._interval
+                    self._due[key] = following if following > now else now + self._interval
+                    jobs.append((cluster, spec, node))
+            self._in_flight.update((cluster, node) for cluster, _, node in jobs)
+        return [self._pool.submit(self._probe_and_record, *job) for job in jobs]
+
     def _submit_round(self) -> list[Future[None]]:
+        """Probe every node not being probed now, due or not (``probe_once``)."""
+        now = self._mono()
         with self._lock:
             jobs = [
                 (cluster, spec, node)
@@ -294,7 +340,37 @@ class HealthChecker:
                 if (cluster, node) not in self._in_flight
             ]
             self._in_flight.update((cluster, node) for cluster, _, node in jobs)
+            for cluster, _, node in jobs:
+                self._due[(cluster, node)] = now + self._interval
         return [self._pool.submit(self._probe_and_record, *job) for job in jobs]
+
+    def _next_wake(self) -> float:
+        """When the checker thread has something to do: a probe due (of a node not being
+        probed: a probe that ends wakes the thread), or a window ending."""
+        now = self._mono()
+        with self._lock:
+            times = [
+                self._due.get((cluster, node), now)
+                for cluster, spec in self._specs.items()
+                for node in spec.nodes
+                if (cluster, node) not in self._in_flight
+            ]
+            times += [d for d in (h.deadline() for h in self._health.values()) if d is not None]
+        return min(times, default=now + self._interval)
+
+    def _expire(self) -> None:
+        """Nodes whose ``down_after`` window ended go DOWN now (their probe may still hang)."""
+        now, mono = self._clock(), self._mono()
+        with self._lock:
+            for name, health in self._health.items():
+                deadline = health.deadline()
+                if deadline is None or deadline > mono:
+                    continue
+                gone, transition = health.expire(now, mono=mono)
+                for node in gone:
+                    self._log_node(name, node, was_up=True, reason=health.node(node).reason)
+                if transition is not None:
+                    self._transition(transition)
 
     def _probe_and_record(self, cluster: str, spec: ClusterSpec, node: str) -> None:
         try:
@@ -303,6 +379,7 @@ class HealthChecker:
         finally:
             with self._lock:
                 self._in_flight.discard((cluster, node))
+            self._wake.set()  # its next probe may be due already (a probe that hung)
 
     def _probe(self, spec: ClusterSpec, node: str) -> tuple[bool, str]:
         path, judge = _probe_of(spec)
@@ -313,25 +390,32 @@ class HealthChecker:
         return judge(resp)
 
     def _record(self, cluster: str, node: str, ok: bool, reason: str) -> None:
-        now = self._clock()
+        now, mono = self._clock(), self._mono()
         with self._lock:
             health = self._health.get(cluster)
             if health is None or node not in health.nodes:
                 return  # removed by a topology update while the probe or write was running
             node_health = health.node(node)
             was_up = node_health.up
-            transition = health.observe(node, ok, reason, now)
+            transition = health.observe(node, ok, reason, now, mono=mono)
             if node_health.up != was_up:
-                log.info(
-                    "node_state",
-                    cluster=cluster,
-                    node=redact_url(node),
-                    from_state=_state(was_up),
-                    to_state=_state(node_health.up),
-                    reason=node_health.reason,
-                )
+                self._log_node(cluster, node, was_up=was_up, reason=node_health.reason)
             if transition is not None:
                 self._transition(transition)
+        if not ok and self._down_after is not None:
+            self._wake.set()  # a window may have started: the checker thread ends it on time
+
+    @staticmethod
+    def _log_node(cluster: str, node: str, *, was_up: bool, reason: str) -> None:
+        """One ``node_state`` event (a node changed state: the opposite of ``was_up``)."""
+        log.info(
+            "node_state",
+            cluster=cluster,
+            node=redact_url(node),
+            from_state=_state(was_up),
+            to_state=_state(not was_up),
+            reason=reason,
+        )
 
     def _transition(self, transition: Transition) -> None:
         """Log and queue one cluster transition; the caller holds ``_lock``."""

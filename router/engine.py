@@ -44,7 +44,7 @@ from router.errors import ConfigError, RouterError
 from router.guard import Guards
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
-from router.membership import RouteMembership
+from router.membership import REVOKE_WAIT, RouteMembership
 from router.metrics import Metrics
 from router.policy import ClusterView
 from router.reload import Rebuilder, Reloader, groups_in_use, plans_of
@@ -60,6 +60,10 @@ TICK = 0.25  # seconds between two passes of the control loop (a verdict change 
 LAG_EVERY = 2.0  # seconds between two full reads of every group's lag
 LAG_TIMEOUT = 5.0  # deadline of one Kafka read of the lag reader
 TICK_TIMEOUT = 15.0  # /healthz fails when the control loop has not ticked for this long
+# /readyz: an empty partition assignment counts as final once it stood this long. A replica
+# that joins gets [] in the first round of a cooperative rebalance and its partitions in a
+# second one, once their old owner released them (at most REVOKE_WAIT), plus a heartbeat.
+EMPTY_ASSIGNMENT_GRACE = REVOKE_WAIT + 2.0
 
 
 def credentials_of(cluster: ClusterConfig) -> Credentials:
@@ -180,6 +184,7 @@ class Router:
                 timeout=h.timeout,
                 fall=h.fall,
                 rise=h.rise,
+                down_after=h.window,
             )
             verdicts = self._own_health
             if consul is not None:
@@ -209,6 +214,9 @@ class Router:
         self._guards = Guards()  # one per route, shared by its destinations (router.guard)
         self.metrics.watch_guards(self._guards.stats)
         self._factory = destinations or self.build_destination
+        # destinations built here own partitions through a route membership (readiness
+        # waits for it); injected ones (tests) have none
+        self._memberships_own = destinations is None
         self._control = ControlLoop(
             views=self.cluster_views,
             lag=self._lag,
@@ -666,9 +674,45 @@ class Router:
     def last_tick(self) -> float:
         return self._control.last_tick
 
-    def ready(self) -> bool:
-        discovered = self.shared is None or self.shared.ready()
-        return self.last_tick > 0 and discovered and not self._stopping.is_set()
+    def readiness(self) -> str:
+        """Why this replica is not ready, "" once it is (``/readyz``).
+
+        Ready means: the policy has run, Consul discovery (if any) answered, and every route
+        of the topology runs and holds its partitions: its membership received its assignment
+        from the route group and every destination of the route has been assigned every
+        partition the membership owns. An empty assignment (another replica owns every
+        partition) counts once it stood for ``EMPTY_ASSIGNMENT_GRACE``: a joining replica's
+        first assignment is empty and its partitions come in a second round. A rebalance that
+        gives partitions, a lost assignment or a rebuilt route makes the replica not ready
+        until it holds them. Built from snapshots: never waits on I/O (docs/operations.md,
+        "Readiness").
+        """
+        if self._stopping.is_set():
+            return "stopping"
+        if not self.last_tick:
+            return "the control loop has not run yet"
+        if self.shared is not None and not self.shared.ready():
+            return "waiting for Consul to list the nodes of every cluster"
+        running = self._control.snapshots()
+        with self._memberships_lock:
+            memberships = dict(self._memberships)
+        for route in self.topology.routes:
+            snap = running.get(route.name)
+            if snap is None:
+                return f"route {route.name}: not running yet (starting or being rebuilt)"
+            why = self._route_unready(snap, memberships.get(route.name))
+            if why:
+                return f"route {route.name}: {why}"
+        return ""
+
+    def _route_unready(self, snap: status.RouteSnapshot, m: RouteMembership | None) -> str:
+        if m is None:  # destinations injected (tests): nothing owns partitions
+            return "no route membership" if self._memberships_own else ""
+        if not m.alive:
+            return f"its membership of group {m.group} is not running"
+        return status.route_unready(
+            m.group, m.ownership(), snap.destinations, EMPTY_ASSIGNMENT_GRACE
+        )
 
     def _routes(self) -> list[status.RouteSnapshot]:
         return status.ordered(self.topology, self._control.snapshots(), self._rebuilder.snapshots())

@@ -2,8 +2,10 @@
 
 ``/healthz`` answers 503 with a one-line reason when the router needs a restart (see
 ``router.status.health_problems``), else 200 ``ok``, followed by a warning worth a look (a stalled
-destination, a rebuild waiting for an old consumer) if there is one. Every answer is built from
-snapshots: none waits on a thread that talks to Kafka or InfluxDB.
+destination, a rebuild waiting for an old consumer) if there is one. ``/readyz`` answers 200
+``ready`` once the replica holds its partitions (``Router.readiness``), else 503 ``not ready:
+<why>``. Every answer is built from snapshots: none waits on a thread that talks to Kafka or
+InfluxDB.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from router.status import one_line
 class Observable(Protocol):
     metrics: Metrics
 
-    def ready(self) -> bool: ...
+    def readiness(self) -> str: ...
     def health(self) -> tuple[str, list[str]]: ...
     def status(self) -> dict[str, Any]: ...
 
@@ -94,8 +96,11 @@ class StatusServer:
                 note = f"; {one_line(warnings)}" if warnings else ""
                 self._send(req, 200, f"ok{note}\n".encode(), "text/plain; charset=utf-8")
         elif path == "/readyz":
-            ok = r.ready()
-            self._send(req, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+            why = r.readiness()
+            if why:
+                self._send(req, 503, f"not ready: {why}\n".encode(), "text/plain; charset=utf-8")
+            else:
+                self._send(req, 200, b"ready\n", "text/plain; charset=utf-8")
         elif path == "/api/status":
             body = {**r.status(), "events": RECENT.snapshot()[-50:]}
             if "partitions" not in parse_qs(query, keep_blank_values=True):

@@ -18,6 +18,12 @@ commit is in progress once the fence is up) and only then returns from the callb
 Kafka hand the partitions to another replica. A lost assignment (session timeout) is fenced at
 once, without a final commit.
 
+Readiness (``ownership``, read by ``/readyz``): the membership is *settled* once the group gave
+it an assignment, an empty one included, until a loss. With the cooperative protocol a replica
+that joins gets an empty assignment first and its partitions in a second round, once their
+previous owner released them; so the engine counts an empty assignment as final only after it
+stood for a while (``router.engine.EMPTY_ASSIGNMENT_GRACE``).
+
 Threads: one thread per membership runs ``poll`` (the callbacks run on it); sources are called
 from it only through ``grant``/``revoke``/``fence``, which are thread-safe.
 """
@@ -28,6 +34,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -39,6 +46,15 @@ from router.offsets import TopicPart
 log = structlog.get_logger("router")
 
 REVOKE_WAIT = 8.0  # seconds a revoke waits for the destinations' acknowledgements
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """A replica's hold on a route's partitions (``RouteMembership.ownership``)."""
+
+    settled: bool  # the group gave this replica an assignment (maybe empty) since it joined
+    owned: frozenset[TopicPart]
+    empty_for: float  # seconds the settled assignment has been empty (0: it is not)
 
 
 class Member(Protocol):
@@ -89,6 +105,8 @@ class RouteMembership:
         self._thread = threading.Thread(target=self._run, name=f"member-{route}", daemon=True)
         self.rebalances = 0
         self.error = ""
+        self._settled = False  # an assignment (maybe empty) arrived since the join or a loss
+        self._empty_since: float | None = None  # monotonic; while settled and owning nothing
 
     @property
     def members(self) -> int:
@@ -107,6 +125,21 @@ class RouteMembership:
         with self._lock:
             members, self._members = self._members, []
         return members
+
+    def ownership(self) -> Ownership:
+        """What this replica holds of the route now (``/readyz`` reads it; never waits on I/O)."""
+        with self._lock:
+            empty_for = 0.0
+            if self._settled and self._empty_since is not None:
+                empty_for = time.monotonic() - self._empty_since
+            return Ownership(self._settled, frozenset(self._owned), empty_for)
+
+    def _owned_changed(self) -> None:
+        """Under ``_lock``: start or end the clock of an empty assignment."""
+        if self._owned:
+            self._empty_since = None
+        elif self._empty_since is None:
+            self._empty_since = time.monotonic()
 
     @property
     def owned(self) -> frozenset[TopicPart]:
@@ -179,6 +212,8 @@ class RouteMembership:
             owned = len(self._owned)
             for m in self._members:
                 m.grant(tps)
+            self._settled = True  # librdkafka calls this with [] for an empty assignment too
+            self._owned_changed()
         self.rebalances += 1
         log.info("partitions_owned", route=self.route, added=len(tps), owned=owned)
 
@@ -188,6 +223,7 @@ class RouteMembership:
             self._owned.difference_update(tps)
             members = list(self._members)
             owned = len(self._owned)
+            self._owned_changed()
         self._give_up(members, tps, commit=True)
         consumer.incremental_unassign(partitions)
         log.info("partitions_released", route=self.route, removed=len(tps), owned=owned)
@@ -197,6 +233,8 @@ class RouteMembership:
         with self._lock:
             self._owned.difference_update(tps)
             members = list(self._members)
+            self._settled = False  # rejoining: not settled until the next assignment
+            self._empty_since = None  # an empty assignment is timed from its arrival
         self._give_up(members, tps, commit=False)
         consumer.incremental_unassign(partitions)
         log.warning("partitions_lost", route=self.route, lost=len(tps))

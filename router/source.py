@@ -90,6 +90,7 @@ class _ConsumerSource:
 
     def __init__(self, group: str, client_id: str, kafka_config: Mapping[str, str]) -> None:
         self.out_of_range: list[TopicPart] = []
+        self._known_topics: set[str] = set()
         try:
             self._consumer = Consumer(consumer_config(group, client_id, kafka_config))
         except KafkaException as exc:
@@ -100,6 +101,7 @@ class _ConsumerSource:
     ) -> None:
         """Assign ``partitions``: those in ``starts`` at their start offset and resumed (see
         the module docstring: never trust a stale pause), the others paused."""
+        self._know_topics({tp.topic for tp in partitions})
         for tp in partitions:
             # explicit even when paused, so a paused partition never sits in an error
             # state; a later start() seeks it to its real start
@@ -114,6 +116,27 @@ class _ConsumerSource:
             self._consumer.pause(idle)  # paused stays paused across a rebalance
         if live:
             self._consumer.resume(live)
+            self._wake({(tp.topic, tp.partition): tp.offset for tp in live})
+
+    def _know_topics(self, topics: set[str]) -> None:
+        """Fetch the metadata of topics this consumer never read before its first assign:
+        a consumer that never subscribed otherwise learns them on its next metadata refresh,
+        up to a second after the assign (measured). Best effort: a failure changes nothing."""
+        for topic in sorted(topics - self._known_topics):
+            try:
+                self._consumer.list_topics(topic, timeout=2.0)
+                self._known_topics.add(topic)
+            except KafkaException as exc:
+                log.debug("topic_metadata_failed", topic=topic, error=str(exc))
+
+    def _wake(self, starts: Mapping[TopicPart, int]) -> None:
+        """Seek resumed partitions (again) to their start: librdkafka's resume does not wake
+        the fetcher, whose next wake-up may be a second away; a seek does. Best effort."""
+        try:
+            for (t, p), offset in starts.items():
+                self._consumer.seek(TopicPartition(t, p, offset))
+        except KafkaException as exc:
+            log.debug("wake_seek_failed", error=str(exc))
 
     def poll(self, max_messages: int, timeout: float) -> Sequence[Record]:
         return self._fetch(max_messages, timeout)
@@ -153,6 +176,7 @@ class _ConsumerSource:
             self._consumer.resume(_tps(list(starts)))
         except KafkaException as exc:
             raise SourceError(f"seek/resume failed: {exc}") from exc
+        self._wake(starts)
 
     def commit(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 
 from health.verdict import ClusterState, VerdictSource
 from router.destination import DestinationStatus
+from router.membership import Ownership
 from router.offsets import TopicPart
 from router.topology import Topology
 
@@ -105,6 +106,29 @@ class RouteSnapshot:
     active_since: float = 0.0  # wall-clock time the active set last changed
     active_reason: str = ""  # why it is what it is ("failed over to b: a down: ...")
     usable: tuple[str, ...] = ()  # the route's clusters the policy may use now
+
+
+def route_unready(
+    group: str, held: Ownership, destinations: Sequence[DestinationView], empty_grace: float
+) -> str:
+    """Why a route does not hold its partitions on this replica yet ("" when it does): its
+    membership (``group``) has no assignment yet, or an empty one younger than
+    ``empty_grace`` (a joining replica's first round), or a destination has not been assigned
+    every partition the membership owns yet."""
+    if not held.settled:
+        return f"waiting for its partition assignment in group {group}"
+    if not held.owned and held.empty_for < empty_grace:
+        return (
+            f"its assignment in group {group} is empty so far (a joining replica gets its "
+            f"partitions in a second round); ready after {empty_grace:g}s if it stays empty"
+        )
+    for view in destinations:
+        if view.leaving:
+            continue
+        n = len(held.owned & set(view.status.assigned))
+        if n < len(held.owned):
+            return f"{view.cluster} holds {n} of its {len(held.owned)} partitions so far"
+    return ""
 
 
 def tp_name(tp: TopicPart) -> str:

@@ -772,12 +772,42 @@ def _duplicates(key: str, names: tuple[str, ...]) -> list[Problem]:
 
 
 class HealthConfig(_Model):
-    """Active probes of every node, and the hysteresis of node and cluster states."""
+    """Active probes of every node, and the hysteresis of node and cluster states.
+
+    A node goes DOWN after ``fall`` failed checks in a row (probes or writes), or once it has
+    given no good answer for ``down_after`` with at least one failed check in that time (a
+    hung node, whose checks time out); UP again after ``rise`` good checks in a row
+    (``health/state.py``). ``down_after`` defaults to ``interval + timeout + 0.5 s`` (2.5 s):
+    a hung node's first probe fails within an interval and a timeout, and a node that stops for
+    less than about ``timeout + 0.5 s`` is not taken DOWN. The section is read at start: a
+    change needs a restart.
+    """
 
     interval: Duration = Field(default=1.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)
     fall: int = Field(default=3, ge=1, le=100)
     rise: int = Field(default=3, ge=1, le=100)
+    down_after: Duration | None = Field(default=None, gt=0, le=3600)
+
+    @property
+    def window(self) -> float:
+        """``down_after`` as given, else its default (``interval + timeout + 0.5 s``)."""
+        if self.down_after is not None:
+            return self.down_after
+        return self.interval + self.timeout + 0.5
+
+    def _problems(self) -> list[Problem]:
+        if self.down_after is not None and self.down_after <= self.interval:
+            # a node is probed once per interval: its last good answer is up to an interval
+            # old, so a shorter window would take it DOWN on any one failed check
+            return [
+                (
+                    ("down_after",),
+                    f"must be longer than interval ({_number(self.interval)}s), "
+                    "or one failed check takes a node down",
+                )
+            ]
+        return []
 
 
 class HttpConfig(_Model):

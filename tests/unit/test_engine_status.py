@@ -140,8 +140,8 @@ class Observed:
         self.problem = ""
         self.warnings: list[str] = []
 
-    def ready(self) -> bool:
-        return True
+    def readiness(self) -> str:
+        return ""
 
     def health(self) -> tuple[str, list[str]]:
         return self.problem, self.warnings

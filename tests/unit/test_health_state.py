@@ -270,6 +270,162 @@ class TestClusterHealth:
         assert "http://a:8086/" in cluster.verdict().reason
 
 
+class TestDownAfterWindow:
+    """The time window: a node with no good answer for ``down_after`` and a failed check in
+    that time is DOWN, whatever the number of checks (defaults: interval 1 s, timeout 1 s,
+    down_after 2.5 s, fall 3)."""
+
+    def node(self, down_after: float | None = 2.5, fall: int = 3) -> NodeHealth:
+        return NodeHealth(fall=fall, rise=3, down_after=down_after, mono=0.0)
+
+    def test_no_window_before_a_failed_check(self) -> None:
+        """A node whose checks all passed has no window running, however old its last answer."""
+        node = self.node()
+        node.observe(True, "ping ok", 1.0)
+
+        assert node.deadline() is None
+        assert node.expire(100.0) is False
+        assert node.up
+
+    def test_window_runs_from_the_last_good_answer(self) -> None:
+        """A failed check starts the window at the last good answer, not at the failure."""
+        node = self.node()
+        node.observe(True, "ping ok", 1.0)
+        node.observe(False, "no answer within 1s", 2.9)
+
+        assert node.deadline() == 3.5
+
+    def test_hung_node_goes_down_when_the_window_ends(self) -> None:
+        """One probe timed out and the next still hangs: DOWN at last good answer + down_after,
+        with fewer than fall failed checks, saying why."""
+        node = self.node()
+        node.observe(True, "ping ok", 0.5)
+        node.observe(False, "no answer within 1s", 2.0)
+
+        assert node.expire(2.99) is False
+        assert node.expire(3.0) is True
+        assert not node.up
+        assert node.reason == "no good answer for 2.5s (1 check failed): no answer within 1s"
+        assert node.deadline() is None  # DOWN: no window any more
+
+    def test_a_failed_check_after_the_window_takes_the_node_down_at_once(self) -> None:
+        """A check that fails when the last good answer is already down_after old is enough
+        (the node was not judged at the window's end, e.g. no checker thread ran)."""
+        node = self.node()
+        node.observe(False, "write failed", 1.0)
+
+        assert node.observe(False, "write failed", 2.5) is True
+        assert node.reason == "no good answer for 2.5s (2 checks failed): write failed"
+
+    def test_one_second_pause_is_ridden_out(self) -> None:
+        """A node paused for 1 s (one probe timed out, then it answers) stays UP, and its
+        window ends with the good answer."""
+        node = self.node()
+        node.observe(True, "ping ok", 10.0)  # the last answer before the pause
+        node.observe(False, "no answer within 1s", 11.2)  # probed at 10.2, paused from 10.3
+        node.observe(True, "ping ok", 11.35)  # probed again at once, answered after the pause
+
+        assert node.deadline() is None
+        assert node.expire(20.0) is False
+        assert node.up
+
+    def test_a_good_answer_restarts_the_window(self) -> None:
+        """A failure after a good answer opens a new window from that answer."""
+        node = self.node()
+        node.observe(False, "x", 1.0)
+        node.observe(True, "ok", 2.0)
+        node.observe(False, "x", 4.0)
+
+        assert node.deadline() == 4.5
+        assert node.expire(4.4) is False
+
+    def test_fall_still_decides_fast_failures(self) -> None:
+        """Refused connections (fast failures) take a node DOWN on the fall-th, long before
+        the window ends."""
+        node = self.node()
+        flips = [node.observe(False, "connection refused", t) for t in (0.1, 0.2, 0.3)]
+
+        assert flips == [False, False, True]
+        assert node.reason == "3/3 checks failed: connection refused"
+
+    def test_window_off_leaves_fall_alone(self) -> None:
+        """down_after None: no window, only fall consecutive failures."""
+        node = self.node(down_after=None)
+        node.observe(False, "no answer within 1s", 50.0)
+
+        assert node.deadline() is None
+        assert node.expire(1000.0) is False
+        assert node.observe(False, "x", 1001.0) is False
+
+    def test_window_restarts_when_the_node_comes_back(self) -> None:
+        """A node UP again after rise successes opens its next window from its last success,
+        not from the answer before it went DOWN."""
+        node = self.node()
+        node.observe(False, "x", 1.0)
+        assert node.expire(2.5) is True
+        for t in (5.0, 6.0, 7.0):
+            node.observe(True, "ok", t)
+        node.observe(False, "x", 8.0)
+
+        assert node.up
+        assert node.deadline() == 9.5
+
+    def test_rejects_a_window_that_is_not_positive(self) -> None:
+        """down_after must be > 0 (or None)."""
+        with pytest.raises(ValueError, match="down_after"):
+            NodeHealth(fall=3, rise=3, down_after=0.0)
+
+
+class TestClusterWindow:
+    def test_cluster_goes_down_when_its_last_window_ends(self) -> None:
+        """expire takes the nodes whose window ended DOWN and reports one transition, at the
+        wall-clock ``now``, while windows are measured in ``mono``."""
+        cluster = ClusterHealth(
+            "a", [A], fall=3, rise=3, min_healthy=1, now=1000.0, down_after=2.5, mono=0.0
+        )
+        cluster.observe(A, False, "no answer within 1s", 1001.0, mono=1.0)
+
+        assert cluster.deadline() == 2.5
+        assert cluster.expire(1002.0, mono=2.0) == ([], None)
+        gone, transition = cluster.expire(1002.6, mono=2.6)
+
+        assert gone == [A]
+        assert transition is not None
+        assert transition[1] == Verdict(
+            "a",
+            ClusterState.DOWN,
+            1002.6,
+            "0/1 nodes up (min_healthy 1); http://a:8086: "
+            "no good answer for 2.5s (1 check failed): no answer within 1s",
+        )
+
+    def test_deadline_is_the_earliest_node_window(self) -> None:
+        """The cluster's deadline is the soonest end among its nodes' windows."""
+        cluster = ClusterHealth(
+            "a", [A, B], fall=3, rise=3, min_healthy=1, down_after=2.5, mono=0.0
+        )
+        cluster.observe(A, True, "ok", 0.0, mono=1.0)
+        cluster.observe(A, False, "x", 0.0, mono=2.0)
+        cluster.observe(B, False, "x", 0.0, mono=2.0)
+
+        assert cluster.deadline() == 2.5  # B's last good answer is the start (0.0)
+
+    def test_new_nodes_start_their_window_when_added(self) -> None:
+        """A node added by set_nodes (cluster without history: UP) counts from then."""
+        cluster = ClusterHealth("a", [A], fall=3, rise=3, min_healthy=1, down_after=2.5, mono=0.0)
+        cluster.set_nodes([A, B], now=0.0, mono=10.0)
+        cluster.observe(B, False, "x", 0.0, mono=11.0)
+
+        assert cluster.node(B).deadline() == 12.5
+
+    def test_without_mono_the_window_uses_now(self) -> None:
+        """Callers with one clock pass only ``now``."""
+        cluster = ClusterHealth("a", [A], fall=3, rise=3, min_healthy=1, now=0.0, down_after=2.5)
+        cluster.observe(A, False, "x", 1.0)
+
+        assert cluster.expire(2.5)[0] == [A]
+
+
 def test_redact_url_strips_userinfo_and_query() -> None:
     """redact_url keeps scheme, host, port and path only."""
     assert redact_url("https://u:p@h:8086/influx?p=x#f") == "https://h:8086/influx"
