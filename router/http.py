@@ -3,7 +3,9 @@
 ``/healthz`` answers 503 with a one-line reason when the router needs a restart (see
 ``router.status.health_problems``), else 200 ``ok``, followed by a warning worth a look (a stalled
 destination, a rebuild waiting for an old consumer) if there is one. Every answer is built from
-snapshots: none waits on a thread that talks to Kafka or InfluxDB.
+snapshots: none waits on a thread that talks to Kafka or InfluxDB. No answer holds a secret:
+``/api/status`` and ``/healthz`` are scrubbed (``router.secrets.scrub``) before they are sent,
+and ``/metrics`` labels are names only (route, cluster, topic, outcome).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.events import RECENT
 from router.metrics import Metrics
+from router.secrets import scrub
 from router.status import one_line
 
 
@@ -88,6 +91,7 @@ class StatusServer:
             self._send(req, 200, generate_latest(r.metrics.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             problem, warnings = r.health()
+            problem, warnings = scrub(problem), [scrub(w) for w in warnings]
             if problem:
                 self._send(req, 503, f"{problem}\n".encode(), "text/plain; charset=utf-8")
             else:
@@ -100,7 +104,8 @@ class StatusServer:
             body = {**r.status(), "events": RECENT.snapshot()[-50:]}
             if "partitions" not in parse_qs(query, keep_blank_values=True):
                 _drop_partitions(body)
-            self._send(req, 200, json.dumps(body).encode(), "application/json")
+            # every reason and event is scrubbed where it is made; this is the last net
+            self._send(req, 200, scrub(json.dumps(body)).encode(), "application/json")
         elif path in ("/", "/index.html"):
             self._send(req, 200, _page(), "text/html; charset=utf-8")
         else:

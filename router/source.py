@@ -26,7 +26,9 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from router.errors import SourceError
+from router.kafka import client_config
 from router.offsets import TopicPart
+from router.secrets import scrub
 
 log = structlog.get_logger("router")
 
@@ -91,9 +93,10 @@ class _ConsumerSource:
     def __init__(self, group: str, client_id: str, kafka_config: Mapping[str, str]) -> None:
         self.out_of_range: list[TopicPart] = []
         try:
-            self._consumer = Consumer(consumer_config(group, client_id, kafka_config))
+            config = client_config(consumer_config(group, client_id, kafka_config))
+            self._consumer = Consumer(config)
         except KafkaException as exc:
-            raise SourceError(f"cannot create the consumer of {group}: {exc}") from exc
+            raise SourceError(f"cannot create the consumer of {group}: {scrub(str(exc))}") from exc
 
     def _assign_at(
         self, partitions: list[TopicPartition], starts: Mapping[TopicPart, int], incremental: bool
