@@ -13,7 +13,11 @@ still advances ``last``, so a partition whose newest message is empty still comm
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, repeat
+from operator import add
 
 from router.kafka import DeadLetter
 from router.offsets import TopicPart
@@ -95,6 +99,63 @@ class Batcher:
             self.current.add(tp, offset, part, complete=i == last)
             if self._full():
                 full.append(self.take())
+        return full
+
+    def add_run(
+        self,
+        tps: Sequence[TopicPart],
+        offsets: Sequence[int],
+        values: Sequence[bytes],
+        *,
+        one_line_each: bool | None = None,
+        lasts: dict[TopicPart, int] | None = None,
+    ) -> list[Batch]:
+        """``add`` for a run of messages at once: Python work per run and per batch, not per
+        message (the hot path). Every value must be non-empty and at most ``max_bytes`` long.
+        Batches close where ``add`` closes them: at the message that reaches ``max_points``
+        (included) or before the message that would take a batch past ``max_bytes``.
+
+        The caller may pass what it already knows: ``one_line_each`` (no value holds a newline)
+        and ``lasts`` (the last offset of each partition in the run)."""
+        n = len(values)
+        if one_line_each is None:
+            one_line_each = b"\n".join(values).count(b"\n") == n - 1
+        # cum_points[k]: points of values[0..k]; None while every value is one line (k + 1)
+        cum_points: list[int] | None = None
+        if not one_line_each:
+            cum_points = list(accumulate(v.count(b"\n") + (v[-1] != 10) for v in values))
+        cum_size = list(accumulate(map(add, map(len, values), repeat(1))))
+        full: list[Batch] = []
+        i = 0
+        while i < n:
+            b = self.current
+            if b.empty():
+                b.started = time.monotonic()
+            if cum_points is None:
+                points_before = i
+                k_points = max(self.max_points - b.points + i - 1, i)
+            else:
+                points_before = cum_points[i - 1] if i else 0
+                k_points = bisect_left(cum_points, self.max_points - b.points + points_before, i)
+            size_before = cum_size[i - 1] if i else 0
+            k_bytes = bisect_right(cum_size, self.max_bytes - b.size + size_before, i)
+            if k_bytes == i and b.values:  # the next message does not fit: close this batch
+                full.append(self.take())
+                continue
+            end = min(k_points + 1, max(k_bytes, i + 1), n)
+            b.values.extend(values[i:end])
+            b.origins.extend(tps[i:end])
+            b.offsets.extend(offsets[i:end])
+            b.points += (end if cum_points is None else cum_points[end - 1]) - points_before
+            b.size += cum_size[end - 1] - size_before
+            b.messages += end - i
+            if lasts is not None and i == 0 and end == n:
+                b.last.update(lasts)
+            else:
+                b.last.update(zip(tps[i:end], offsets[i:end], strict=True))
+            if end < n or b.points >= self.max_points or b.size >= self.max_bytes:
+                full.append(self.take())
+            i = end
         return full
 
     def _split(self, value: bytes) -> list[bytes]:

@@ -89,7 +89,8 @@ def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
         credentials=functools.partial(credentials_of, cluster),
         timeout=cluster.write_timeout,
         max_retries=cluster.max_retries,
-        gzip=cluster.gzip,
+        compression=cluster.compression,
+        compression_level=cluster.compression_level,
         tls=cluster.tls_settings(),
     )
 

@@ -40,8 +40,9 @@ __all__ = [
 Precision = Literal["ns", "us", "ms", "s"]
 
 # In the reversed payload: a line end (its "\n") not followed by digits, an optional "-" and a
-# space, i.e. in the original text a line that does not end in " [-]digits".
-_UNSTAMPED_END = re.compile(rb"\n(?![0-9]+-? )")
+# space, i.e. in the original text a line that does not end in " [-]digits"; a blank line
+# (another "\n") needs no timestamp either (the hot path joins messages ending in one).
+_UNSTAMPED_END = re.compile(rb"\n(?![0-9]+-? |\n)")
 _STAMPED_TAIL = re.compile(rb"[0-9]+-? ")  # the reversed end of the payload's last line
 _LEADING_WHITESPACE = b" \t\x00"  # what InfluxDB skips at the start of a line
 

@@ -400,6 +400,8 @@ class _Model(BaseModel):
 
     # Keys that would hold a secret inline, refused with a hint (and not reported as unknown).
     _inline_secrets: ClassVar[Mapping[str, str]] = {}
+    # Keys of an earlier version, refused with what replaced them (and not reported as unknown).
+    _replaced: ClassVar[Mapping[str, str]] = {}
 
     @model_validator(mode="wrap")
     @classmethod
@@ -407,7 +409,11 @@ class _Model(BaseModel):
         problems: list[Problem] = []
         if isinstance(data, Mapping):
             problems += cls._raw_problems(data)
-            data = {key: value for key, value in data.items() if key not in cls._inline_secrets}
+            data = {
+                key: value
+                for key, value in data.items()
+                if key not in cls._inline_secrets and key not in cls._replaced
+            }
         model: Self | None = None
         try:
             model = handler(data)
@@ -427,10 +433,13 @@ class _Model(BaseModel):
 
     @classmethod
     def _raw_problems(cls, data: Mapping[Any, Any]) -> list[Problem]:
-        return [
+        problems: list[Problem] = [
             ((key,), f"inline secrets are not allowed; {hint}")
             for key, hint in cls._inline_secrets.items()
             if key in data
+        ]
+        return problems + [
+            ((key,), f"replaced: {hint}") for key, hint in cls._replaced.items() if key in data
         ]
 
     def _problems(self) -> list[Problem]:
@@ -783,6 +792,9 @@ class ClusterConfig(_Model):
         "password": "use password_env or password_file",
         "token": "use token_env or token_file",
     }
+    _replaced: ClassVar[Mapping[str, str]] = {
+        "gzip": "use compression: gzip (or none) and compression_level",
+    }
 
     urls: tuple[Annotated[str, AfterValidator(_check_url)], ...] = ()
     consul_service: Annotated[str, AfterValidator(_check_non_empty)] | None = None
@@ -806,7 +818,9 @@ class ClusterConfig(_Model):
     max_retries: int = Field(default=3, ge=0, le=20)
     # how long one batch may take with its retries; None: max(60s, 4 x (retries+1) x timeout)
     write_deadline: Duration | None = Field(default=None, gt=0)
-    gzip: bool = True
+    # request bodies: none (same network: less CPU on both sides) or gzip (a WAN link)
+    compression: Literal["none", "gzip"] = "none"
+    compression_level: int = Field(default=1, ge=1, le=9)
     tls: TlsConfig | None = None  # https nodes: CA, client certificate (writes and probes)
 
     def tls_settings(self) -> TlsSettings | None:

@@ -86,7 +86,7 @@ def test_points_are_counted_back_exactly(
         "".join(f"{m},host=h{p % 7} value={p * 4 + i} {p * 4 + i + 1}\n" for i in range(4)).encode()
         for p in range(250)
     ]
-    assert make_sink([url], gzip=gzip_on).write(payloads) == []
+    assert make_sink([url], compression="gzip" if gzip_on else "none").write(payloads) == []
     assert influx_count(url, db, m) == 1000
 
 

@@ -344,7 +344,7 @@ def test_a_probe_sorts_the_answer_like_a_write(
         database="m",
         credentials=lambda: Credentials("u", "p"),
         max_retries=0,
-        gzip=False,
+        compression="none",
     )
     with InfluxSink(target, lambda: [NODE], transport=httpx.MockTransport(server)) as sink:
         if outcome is None:

@@ -165,25 +165,36 @@ def test_no_payload_sends_no_request(make_sink: Callable[..., InfluxSink]) -> No
 def test_payloads_are_joined_with_a_newline_between_them(
     make_sink: Callable[..., InfluxSink],
 ) -> None:
-    """Payloads with and without a trailing newline are joined without merging two lines."""
+    """Payloads with and without a trailing newline are joined without merging two lines (a
+    payload ending in a newline leaves a blank line, which InfluxDB skips)."""
     script = Script([httpx.Response(204)])
     make_sink(script).write([b"m value=1 1", b"m value=2 2\n", b"m value=3 3\nm value=4 4"])
-    assert body_of(script.requests[0]) == (b"m value=1 1\nm value=2 2\nm value=3 3\nm value=4 4\n")
+    body = body_of(script.requests[0])
+    assert body == b"m value=1 1\nm value=2 2\n\nm value=3 3\nm value=4 4\n"
+    assert [line for line in body.split(b"\n") if line] == [
+        b"m value=1 1",
+        b"m value=2 2",
+        b"m value=3 3",
+        b"m value=4 4",
+    ]
 
 
 def test_body_is_gzipped_with_header(make_sink: Callable[..., InfluxSink]) -> None:
     """With gzip on, the body is gzip data and the request says Content-Encoding: gzip."""
     script = Script([httpx.Response(204)])
-    make_sink(script).write([b"m value=1 1"])
+    make_sink(script, target=target(compression="gzip", compression_level=6)).write(
+        [b"m value=1 1"]
+    )
     request = script.requests[0]
     assert request.headers["content-encoding"] == "gzip"
     assert gzip.decompress(request.content) == b"m value=1 1\n"
 
 
 def test_gzip_off_sends_plain_body(make_sink: Callable[..., InfluxSink]) -> None:
-    """With gzip off, the body is the joined line protocol and has no Content-Encoding."""
+    """With gzip off (the default), the body is the joined line protocol and has no
+    Content-Encoding."""
     script = Script([httpx.Response(204)])
-    make_sink(script, target=target(gzip=False)).write([b"m value=1 1"])
+    make_sink(script).write([b"m value=1 1"])
     request = script.requests[0]
     assert "content-encoding" not in request.headers
     assert request.content == b"m value=1 1\n"

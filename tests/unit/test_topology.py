@@ -95,12 +95,8 @@ def test_minimal_topology_takes_documented_defaults() -> None:
     assert (route.batch.max_points, route.batch.max_bytes) == (5000, 1024**2)
     assert (route.batch.linger, route.batch.max_in_flight) == (0.2, 4)
     assert (cluster.api, cluster.precision, cluster.write_timeout) == ("v1", "ns", 5.0)
-    assert (cluster.min_healthy, cluster.max_retries, cluster.gzip, cluster.drain) == (
-        1,
-        3,
-        True,
-        False,
-    )
+    assert (cluster.min_healthy, cluster.max_retries, cluster.drain) == (1, 3, False)
+    assert (cluster.compression, cluster.compression_level) == ("none", 1)
     assert (topology.health.interval, topology.health.fall) == (1.0, 3)
     assert topology.kafka.group_prefix == "frouter"
 
@@ -266,6 +262,28 @@ def test_an_inline_cluster_secret_is_refused(key: str, hint: str) -> None:
     errors = errors_of(with_cluster_keys(f"    {key}: hunter2\n"))
     assert errors == [
         f"clusters.influx-a.{key}: inline secrets are not allowed; use {hint} (line 8)"
+    ]
+
+
+def test_the_old_gzip_key_names_what_replaced_it() -> None:
+    """``gzip: true`` of earlier versions is refused with the keys that replaced it."""
+    errors = errors_of(with_cluster_keys("    gzip: true\n"))
+    assert errors == [
+        "clusters.influx-a.gzip: replaced: use compression: gzip (or none) and compression_level"
+        " (line 8)"
+    ]
+
+
+@pytest.mark.parametrize(("compression", "level"), [("none", 1), ("gzip", 6)])
+def test_compression_is_a_closed_choice_with_a_level(compression: str, level: int) -> None:
+    """``compression`` and ``compression_level`` reach the cluster; a level of 0 is refused."""
+    keys = f"    compression: {compression}\n    compression_level: {level}\n"
+    cluster = parse_topology(with_cluster_keys(keys), source="t.yaml").clusters["influx-a"]
+    assert (cluster.compression, cluster.compression_level) == (compression, level)
+    errors = errors_of(with_cluster_keys("    compression: zstd\n    compression_level: 0\n"))
+    assert [e.split(":")[0] for e in errors] == [
+        "clusters.influx-a.compression",
+        "clusters.influx-a.compression_level",
     ]
 
 
