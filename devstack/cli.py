@@ -24,8 +24,19 @@ def main(argv: list[str] | None = None) -> int:
         choices=stack.OPTIONAL,
         help="also start this optional server (repeatable)",
     )
+    p_up.add_argument(
+        "--secure",
+        action="store_true",
+        help="also start the secured servers (influx-s: https + auth; consul-acl: ACLs on) and "
+        "create their users, Kafka's SCRAM users and ACLs, and the Consul tokens",
+    )
     sub.add_parser("down", help="stop the servers devstack started (by pid)")
-    sub.add_parser("env", help="print the endpoints as KEY=VALUE lines")
+    p_env = sub.add_parser("env", help="print the endpoints as KEY=VALUE lines")
+    p_env.add_argument(
+        "--secure",
+        action="store_true",
+        help="also the secured stack's: CA and certificate files, listeners, users, secret files",
+    )
     sub.add_parser("status", help="print each server and its pid, or 'stopped'")
     for verb, text in (
         ("cut", "make an InfluxDB unreachable through its Toxiproxy proxy"),
@@ -33,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(verb, help=text)
         p.add_argument(
-            "name", choices=[*(f"influx-{n}" for n in stack.INFLUX_NAMES), *stack.OPTIONAL]
+            "name",
+            choices=[*(f"influx-{n}" for n in stack.INFLUX_NAMES), "influx-s", *stack.OPTIONAL],
         )
     p_restart = sub.add_parser("restart", help="start one server again (after kill -9)")
     p_restart.add_argument("name")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
-            started = stack.up(timeout=args.timeout, with_=tuple(args.with_))
+            started = stack.up(timeout=args.timeout, with_=tuple(args.with_), secure=args.secure)
             print(
                 f"devstack: up (started: {', '.join(started) or 'none, all running'})",
                 file=sys.stderr,
@@ -49,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             stopped = stack.down()
             print(f"devstack: down (stopped: {', '.join(stopped) or 'none'})", file=sys.stderr)
         elif args.cmd == "env":
-            for key, value in stack.endpoints().items():
+            env = stack.endpoints()
+            if args.secure:
+                env |= stack.secure_env()
+            for key, value in env.items():
                 print(f"{key}={value}")
         elif args.cmd in ("cut", "restore"):
             proxy = args.name.replace("-", "_")

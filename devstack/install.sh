@@ -51,6 +51,11 @@ fi
 command -v java >/dev/null || apt_install openjdk-17-jre-headless
 command -v mvn >/dev/null || apt_install maven
 
+# --- openssl (Debian; present on this machine kind) ----------------------------------------
+# Makes the stack's throwaway CA, certificates and encrypted client key at the first `up`
+# (devstack/pki.py); Kafka's TLS listeners are always on, so every stack needs it.
+command -v openssl >/dev/null || apt_install openssl
+
 # --- Kafka jars from Maven Central ---------------------------------------------------------
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 if [ ! -f "$KAFKA_LIBS/.complete" ]; then

@@ -7,8 +7,13 @@ Probes: v1 ``GET {node}/ping`` must answer 204; v2 ``GET {node}/health`` must an
 JSON ``"status": "pass"``; a VictoriaMetrics node (``flavor``) ``GET {node}/health`` must answer
 200 ``OK`` (it answers 503 while it shuts down). Anything else, and every httpx error, is a
 failed check with a short reason ("connection refused", "no answer within 1s", "/ping answered
-HTTP 503"); no httpx exception leaves this module and no reason carries a URL's userinfo or
-query.
+HTTP 503", "TLS: certificate verify failed: unable to get local issuer certificate"); no httpx
+exception leaves this module and no reason carries a URL's userinfo or query.
+
+Each cluster is probed with its own HTTP client, built by ``router.tls`` from the cluster's
+``tls:`` settings (``ClusterSpec.tls``), the very factory the sink writes with: a probe trusts
+exactly the CAs a write trusts, and neither reads the environment (``trust_env=False``). A
+client is rebuilt when the settings change (``update``) or one of their files does.
 
 Threads:
 
@@ -48,6 +53,7 @@ import structlog
 
 from health.state import ClusterHealth, Transition, redact_url
 from health.verdict import ClusterState, Subscriber, Verdict
+from router.tls import ReloadingClient, TlsError, TlsSettings, http_client, tls_failure
 
 log = structlog.get_logger("health")
 
@@ -63,6 +69,17 @@ class ClusterSpec:
     nodes: tuple[str, ...]
     min_healthy: int = 1
     flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
+    tls: TlsSettings | None = None  # https nodes: the same settings the sink writes with
+
+
+@dataclass
+class _ClusterClient:
+    """The probe client of one cluster, or why there is none (TLS files unusable)."""
+
+    tls: TlsSettings | None
+    client: ReloadingClient | None
+    why: str = ""
+    stamp: tuple[object, ...] = ()  # the files' stamp when the client was (not) built
 
 
 _PHRASES: tuple[tuple[type[Exception], str], ...] = (
@@ -78,6 +95,9 @@ _PHRASES: tuple[tuple[type[Exception], str], ...] = (
 
 def _describe(exc: httpx.HTTPError | httpx.InvalidURL, timeout: float) -> str:
     """A short reason for a failed request. Never ``str(exc)``, which may carry the URL."""
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, httpx.ConnectError):
         text = str(exc).lower()
         if "refused" in text:
@@ -173,14 +193,9 @@ class HealthChecker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._transport = transport
+        self._clients: dict[str, _ClusterClient] = {}  # one per cluster, for its TLS settings
         self.update(clusters)  # validates before any resource exists
-        # Probes go straight to the node: an HTTP proxy from the environment would hide its state.
-        self._http = httpx.Client(
-            transport=transport,
-            timeout=timeout,
-            trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        )
         self._pool = ThreadPoolExecutor(MAX_PROBES_IN_FLIGHT, thread_name_prefix="health-probe")
 
     # --- VerdictSource ------------------------------------------------------------------
@@ -222,7 +237,11 @@ class HealthChecker:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._http.close()
+        with self._lock:
+            clients, self._clients = self._clients, {}
+        for entry in clients.values():
+            if entry.client is not None:
+                entry.client.close()
 
     def __enter__(self) -> HealthChecker:
         self.start()
@@ -252,6 +271,7 @@ class HealthChecker:
             if spec.min_healthy < 1 or len(set(spec.nodes)) != len(spec.nodes):
                 raise ValueError(f"cluster {name!r}: min_healthy < 1 or duplicate node URLs")
         now, mono = self._clock(), self._mono()
+        self._update_clients(clusters)
         with self._lock:
             for name in [name for name in self._health if name not in clusters]:
                 del self._health[name], self._specs[name]
@@ -279,6 +299,65 @@ class HealthChecker:
             probed = {(name, node) for name, spec in self._specs.items() for node in spec.nodes}
             self._due = {key: due for key, due in self._due.items() if key in probed}
         self._wake.set()  # new nodes are probed at once
+
+    def _update_clients(self, clusters: Mapping[str, ClusterSpec]) -> None:
+        """A client per cluster, built again when its TLS settings changed; gone ones closed."""
+        with self._lock:
+            old = dict(self._clients)
+        fresh: dict[str, _ClusterClient] = {}
+        closing: list[ReloadingClient] = []
+        for name, spec in clusters.items():
+            known = old.pop(name, None)
+            if known is not None and known.tls == spec.tls and known.client is not None:
+                fresh[name] = known
+                continue
+            if known is not None and known.client is not None:
+                closing.append(known.client)
+            fresh[name] = self._client_of(name, spec.tls)
+        closing += [entry.client for entry in old.values() if entry.client is not None]
+        with self._lock:
+            self._clients = fresh
+        for client in closing:
+            client.close()
+
+    def _client_of(self, cluster: str, tls: TlsSettings | None) -> _ClusterClient:
+        """The cluster's probe client, or none and why (its TLS files cannot be used)."""
+
+        def build() -> httpx.Client:
+            return http_client(
+                tls,
+                timeout=self._timeout,
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            )
+
+        stamp = tls.stamp() if tls is not None else ()
+        try:
+            return _ClusterClient(tls, ReloadingClient(cluster, tls, build), "", stamp)
+        except TlsError as exc:
+            why = f"TLS: tls.{exc.key}: {exc}"
+            log.error("tls_error", cluster=cluster, key=f"tls.{exc.key}", reason=why)
+            return _ClusterClient(tls, None, why, stamp)
+
+    def _client(self, cluster: str) -> tuple[ReloadingClient | None, str]:
+        """The client to probe ``cluster`` with, or None and the probe's failure reason.
+        A cluster whose TLS files could not be used is tried again once they changed."""
+        with self._lock:
+            entry = self._clients.get(cluster)
+        if entry is None:
+            return None, "cluster removed"
+        if entry.client is not None:
+            return entry.client, ""
+        if entry.tls is None or entry.tls.stamp() == entry.stamp:
+            return None, entry.why
+        retried = self._client_of(cluster, entry.tls)
+        with self._lock:
+            if self._clients.get(cluster) is entry:
+                self._clients[cluster] = retried
+                return retried.client, retried.why
+        if retried.client is not None:  # replaced meanwhile by an update
+            retried.client.close()
+        return self._client(cluster)
 
     def probe_once(self) -> None:
         """Probe every node once, wait for the answers, then deliver pending transitions.
@@ -374,19 +453,25 @@ class HealthChecker:
 
     def _probe_and_record(self, cluster: str, spec: ClusterSpec, node: str) -> None:
         try:
-            ok, reason = self._probe(spec, node)
+            ok, reason = self._probe(cluster, spec, node)
             self._record(cluster, node, ok, reason)
         finally:
             with self._lock:
                 self._in_flight.discard((cluster, node))
             self._wake.set()  # its next probe may be due already (a probe that hung)
 
-    def _probe(self, spec: ClusterSpec, node: str) -> tuple[bool, str]:
+    def _probe(self, cluster: str, spec: ClusterSpec, node: str) -> tuple[bool, str]:
         path, judge = _probe_of(spec)
+        client, why = self._client(cluster)
+        if client is None:
+            return False, why
         try:
-            resp = self._http.get(node.rstrip("/") + path)
+            with client.client() as http:
+                resp = http.get(node.rstrip("/") + path)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return False, _describe(exc, self._timeout)
+        except TlsError as exc:  # the files went bad between a reload and this probe
+            return False, f"TLS: tls.{exc.key}: {exc}"
         return judge(resp)
 
     def _record(self, cluster: str, node: str, ok: bool, reason: str) -> None:

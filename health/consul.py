@@ -5,6 +5,18 @@ KV (blocking reads, acquire/release, put/delete), and the agent's own service re
 The ACL token is never logged. Given as a file (``--consul-token-file``), it is read before
 every call and used from then on, the file read again only when it changed (``router.secrets``):
 a rotated token needs no restart.
+
+Only ``ConsulSettings`` decides what the client uses. py-consul reads ``CONSUL_HTTP_TOKEN``
+over the token it is given (so the environment would beat ``--consul-token-file``, and an
+empty variable would remove the token), and its HTTP session (requests) reads
+``REQUESTS_CA_BUNDLE`` and proxy variables: here the token is set again after the client is
+built and before every call, and the session does not read the environment
+(``trust_env=False``). An https agent is verified with ``--consul-ca-file`` (else certifi's
+public CAs).
+
+A 403 is ``ConsulDenied``, whose message says which token was sent (where it came from, never
+its value) and what Consul answered: "ACL not found" (the token is unknown) or the permission
+that is missing.
 """
 
 from __future__ import annotations
@@ -15,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
 import consul
 import requests
 
-from router.errors import ConsulError
-from router.secrets import file_secret
+from router.errors import ConsulDenied, ConsulError
+from router.secrets import file_secret, scrub
+from router.tls import tls_failure
 
 _FAILURES = (consul.ConsulException, requests.RequestException, ValueError, KeyError, TypeError)
 
@@ -41,20 +55,36 @@ class ConsulSettings:
     prefix: str = "failover-router"
     session_ttl: float = 10.0  # seconds; Consul accepts 10..86400
     advertise: str = ""  # host:port Consul's HTTP check uses to reach our /healthz
+    ca_file: str | None = None  # CA bundle of an https agent (--consul-ca-file)
+    token_source: str = ""  # where the token comes from, for messages ("" = worked out here)
+
+    def token_description(self) -> str:
+        """Which token is sent, without its value: for a permission-denied message."""
+        if self.token_source:
+            return self.token_source
+        if self.token_file is not None:
+            return f"token from --consul-token-file {self.token_file}"
+        return "a token" if self.token else "no token"
 
 
 class ConsulAPI:
     def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
         raw = settings.address if "://" in settings.address else f"http://{settings.address}"
         url = urlsplit(raw)
+        scheme = url.scheme or "http"
         self._client = consul.Consul(
             host=url.hostname or "127.0.0.1",
             port=url.port or 8500,
-            scheme=url.scheme or "http",
+            scheme=scheme,
             token=settings.token,
+            verify=(settings.ca_file or certifi.where()) if scheme == "https" else True,
             connections_timeout=timeout,
         )
+        # py-consul took CONSUL_HTTP_TOKEN over ours, and requests would read the environment
+        self._client.token = settings.token
+        self._client.http.session.trust_env = False
         self.address = f"{url.hostname}:{url.port or 8500}"
+        self._settings = settings
         self._token_file = settings.token_file
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -63,11 +93,28 @@ class ConsulAPI:
                 self._client.token = file_secret(self._token_file)
             except ValueError as exc:
                 raise ConsulError(f"consul {what}: token file: {exc}") from exc
+        else:
+            self._client.token = self._settings.token
         try:
             return fn(*args, **kwargs)
+        except consul.ACLPermissionDenied as exc:
+            raise ConsulDenied(self._denied(what, str(exc))) from exc
         except _FAILURES as exc:
             # The exception text may quote the request URL; it never holds the token (a header).
-            raise ConsulError(f"consul {what} failed: {type(exc).__name__}: {exc}") from exc
+            tls = tls_failure(exc) if isinstance(exc, requests.RequestException) else None
+            if tls is not None:
+                text = f"{tls} (--consul-ca-file names the CA of the agent's certificate)"
+            else:
+                text = scrub(f"{type(exc).__name__}: {exc}")
+            raise ConsulError(f"consul {what} failed: {text}") from exc
+
+    def _denied(self, what: str, body: str) -> str:
+        """``consul: permission denied (<which token>) for <call>: <Consul's words>``."""
+        answer = scrub(" ".join(body.split()))[:300] or "403"
+        token = self._settings.token_description()
+        if "acl not found" in answer.lower():
+            answer += " (Consul does not know this token)"
+        return f"consul: permission denied ({token}) for {what}: {answer}"
 
     # --- discovery ----------------------------------------------------------------------
 

@@ -16,10 +16,18 @@ Every replica keeps probing on its own (``HealthChecker``: the *local* verdict).
 When Consul cannot be reached, each replica falls back to its local verdict (event
 ``verdict_source``, ``source`` property) and returns to the shared one when Consul answers.
 Discovered node lists are kept as they were last seen while Consul is away.
+
+With ACLs, a call Consul refuses (403: no token, an unknown token, a policy that lacks the
+permission) is one ``consul_permission_denied`` event per kind of call (``op``: register,
+election, watch, discovery), naming the token's source and the missing permission, and the
+replica decides on its local verdict until every refused kind of call works again (a rotated
+token file, a fixed policy): ``consul_permission_granted``, then ``verdict_source`` back to
+shared. Refused calls are counted (``consul_errors``) but never logged again one by one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -33,7 +41,8 @@ import structlog
 from health.checker import ClusterSpec, HealthChecker
 from health.consul import ConsulAPI, ConsulSettings, decode, encode
 from health.verdict import ClusterState, Subscriber, Verdict
-from router.errors import ConsulError
+from router.errors import ConsulDenied, ConsulError
+from router.tls import TlsSettings
 
 log = structlog.get_logger("health")
 
@@ -56,6 +65,7 @@ class ClusterSource:
     urls: tuple[str, ...] = ()
     discovery: DiscoverySpec | None = None
     flavor: Literal["influxdb", "victoriametrics"] = "influxdb"
+    tls: TlsSettings | None = None  # the cluster's https settings (router.tls)
 
 
 @dataclass
@@ -102,7 +112,9 @@ class SharedVerdict:
         self._started_at = clock()
         self._kv_seen: dict[str, tuple[float, float]] = {}  # cluster -> (published, seen at)
         self._kv = _KVState()
-        self._consul_ok = True
+        self._consul_ok = True  # the shared verdict is used: watch answers, nothing denied
+        self._watch_ok = True
+        self._denied: dict[str, str] = {}  # kind of call -> why Consul refused it (403)
         self._is_leader = False
         self._session: str | None = None
         self._check_id: str | None = None
@@ -201,6 +213,7 @@ class SharedVerdict:
                     nodes=src.urls if src.discovery is None else self._discovered.get(name, ()),
                     min_healthy=src.min_healthy,
                     flavor=src.flavor,
+                    tls=src.tls,
                 )
                 for name, src in self._sources.items()
             }
@@ -232,11 +245,11 @@ class SharedVerdict:
                     spec.service, tag=spec.tag, dc=spec.datacenter, index=index, wait="5s"
                 )
             except ConsulError as exc:
-                self.consul_errors += 1
-                log.warning("consul_error", op="discovery", cluster=cluster, error=str(exc))
+                self._call_failed("discovery", exc, cluster=cluster)
                 index = None
                 halt.wait(1.0)
                 continue
+            self._call_worked("discovery")
             with self._lock:
                 if halt.is_set():
                     return  # a reload replaced this watch: its answer is stale
@@ -273,9 +286,9 @@ class SharedVerdict:
                 [self.datacenter],
             )
             log.info("consul_registered", service_id=self.replica)
+            self._call_worked("register")
         except ConsulError as exc:
-            self.consul_errors += 1
-            log.warning("consul_error", op="register", error=str(exc))
+            self._call_failed("register", exc)
 
     def _elect_loop(self) -> None:
         period = max(1.0, self.settings.session_ttl / 3)
@@ -289,9 +302,9 @@ class SharedVerdict:
                 ):
                     self._publish()
                     last_publish = self._clock()
+                self._call_worked("election")
             except ConsulError as exc:
-                self.consul_errors += 1
-                log.warning("consul_error", op="election", error=str(exc))
+                self._call_failed("election", exc)
                 self._set_leader(False)  # cannot prove we hold the lock: stop publishing
             self._wake_elector.wait(0.5 if self._is_leader else period)
             self._wake_elector.clear()
@@ -300,6 +313,8 @@ class SharedVerdict:
         if not self._api.is_registered(self.replica):
             self._register()  # e.g. the agent lost its state in a restart
             self._session = None
+        else:
+            self._call_worked("register")  # registered: a refusal of it is over
         if self._session is not None and not self._api.renew_session(self._session):
             self._session = None  # invalidated by Consul; a transport error keeps it (raises)
         if self._session is None:
@@ -449,24 +464,58 @@ class SharedVerdict:
                 cb(old, new)
 
     def _consul_failed(self, op: str, exc: ConsulError) -> None:
-        self.consul_errors += 1
-        if self._consul_ok:
-            self._consul_ok = False
-            log.error(
-                "verdict_source",
-                from_state="shared",
-                to_state="local",
-                reason=f"consul unreachable ({op}): {exc}",
-            )
-            self._recompute()
+        """The KV watch failed: the shared verdict cannot be read."""
+        self._watch_ok = False
+        if isinstance(exc, ConsulDenied):
+            self._call_failed(op, exc)
+        else:
+            self.consul_errors += 1
+            self._set_source(f"consul unreachable ({op}): {exc}")
 
     def _consul_answered(self) -> None:
-        if not self._consul_ok:
-            self._consul_ok = True
-            log.warning(
-                "verdict_source",
-                from_state="local",
-                to_state="shared",
-                reason="consul answers again",
+        self._watch_ok = True
+        self._call_worked("watch")
+        self._set_source("consul answers again")
+
+    def _call_failed(self, op: str, exc: ConsulError, **fields: str) -> None:
+        """Count a failed call; a refusal (403) is said once per kind of call and makes this
+        replica decide on its local verdict until that kind of call works again."""
+        self.consul_errors += 1
+        if not isinstance(exc, ConsulDenied):
+            log.warning("consul_error", op=op, error=str(exc), **fields)
+            return
+        with self._lock:
+            first = op not in self._denied
+            self._denied[op] = str(exc)
+        if first:
+            log.error(
+                "consul_permission_denied",
+                op=op,
+                reason=str(exc),
+                hint="give the router's token the policy in docs/operations.md (Security)",
+                **fields,
             )
-            self._recompute()
+        self._set_source(str(exc))
+
+    def _call_worked(self, op: str) -> None:
+        with self._lock:
+            was = self._denied.pop(op, None)
+        if was is not None:
+            log.warning("consul_permission_granted", op=op, reason="Consul accepts the call again")
+            self._set_source(f"consul accepts {op} again")
+
+    def _set_source(self, reason: str) -> None:
+        """Shared while the watch answers and no kind of call is refused; else local."""
+        with self._lock:
+            ok = self._watch_ok and not self._denied
+            if ok == self._consul_ok:
+                return
+            self._consul_ok = ok
+        log.log(
+            logging.WARNING if ok else logging.ERROR,
+            "verdict_source",
+            from_state="local" if ok else "shared",
+            to_state="shared" if ok else "local",
+            reason=reason,
+        )
+        self._recompute()

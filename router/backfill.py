@@ -40,7 +40,7 @@ from router.backoff import backoff_delay
 from router.batch import Batch, Batcher
 from router.errors import RouterError, SourceError
 from router.graphite import GraphiteConverter
-from router.kafka import DeadLetter
+from router.kafka import DeadLetter, client_config
 from router.offsets import NO_OFFSET, Marks, OffsetTracker, TopicPart
 from router.source import Record
 from router.stamp import Precision, kafka_time, lacks_timestamp, stamp_lines
@@ -334,15 +334,17 @@ class Backfill:
         self._report_every = report_every
         self._stop = threading.Event()
         self._consumer = Consumer(
-            {
-                **kafka_config,
-                "group.id": job.group,
-                "client.id": f"frouter-backfill-{job.route}-{job.cluster}",
-                "enable.auto.commit": "false",
-                "enable.auto.offset.store": "false",
-                "auto.offset.reset": "error",  # a range deleted under us must surface
-                "queued.max.messages.kbytes": "16384",
-            }
+            client_config(
+                kafka_config,
+                {
+                    "group.id": job.group,
+                    "client.id": f"frouter-backfill-{job.route}-{job.cluster}",
+                    "enable.auto.commit": "false",
+                    "enable.auto.offset.store": "false",
+                    "auto.offset.reset": "error",  # a range deleted under us must surface
+                    "queued.max.messages.kbytes": "16384",
+                },
+            )
         )
         self._pool = WritePool(
             route=job.route,

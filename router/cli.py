@@ -1,5 +1,10 @@
 """`failover-router run | check-topology`; the operator's commands (status, drain, undrain,
-backfill) are in ``router.commands``."""
+backfill) are in ``router.commands``.
+
+Exit codes of ``run``: 0 after SIGTERM/SIGINT (writes finished, committed); 1 for a topology
+or setting that cannot be used (every error on stderr); 2 when the Kafka brokers refuse the
+router's credentials or TLS at start (the error names the brokers and the SASL mechanism).
+"""
 
 from __future__ import annotations
 
@@ -17,26 +22,59 @@ import structlog
 from health.consul import ConsulSettings
 from router import commands
 from router.engine import Router, write_deadline
-from router.errors import ConfigError, RouterError
+from router.errors import ConfigError, KafkaRefused, RouterError
 from router.events import configure_logging
 from router.http import StatusServer
-from router.secrets import file_secret
+from router.kafka import check_access
+from router.secrets import file_secret, remember
+from router.tls import TlsError, TlsSettings, ssl_context
 from router.topology import Topology, check_topology_main, load_topology
 
 log = structlog.get_logger("router")
 
+EXIT_KAFKA_REFUSED = 2  # the brokers refused the credentials or TLS at start
+KAFKA_CHECK_TIMEOUT = 10.0  # seconds the start waits for the brokers' verdict at most
+
+CONSUL_ADDR_HELP = (
+    "Consul agent: host:port, http://host:port or https://host:port (env CONSUL_HTTP_ADDR); "
+    "enables discovery, the shared verdict, KV drains and self-registration"
+)
+CONSUL_TOKEN_HELP = (
+    "file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE), read again whenever it "
+    "changes. It always wins over CONSUL_HTTP_TOKEN, which is used only when no token file is "
+    "given (an empty CONSUL_HTTP_TOKEN means no token)"
+)
+CONSUL_CA_HELP = (
+    "CA bundle that signs an https Consul agent's certificate (env CONSUL_CACERT; default: "
+    "the public CAs of certifi; REQUESTS_CA_BUNDLE and the like are ignored)"
+)
+
 
 def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings | None:
+    """The Consul settings of the flags. The token file always wins over CONSUL_HTTP_TOKEN
+    (which counts only when no file is given, and only when not empty); nothing else of the
+    environment reaches the Consul client (``health.consul``)."""
     if not args.consul_addr:
         return None
     token = os.environ.get("CONSUL_HTTP_TOKEN") or None
+    source = "token from CONSUL_HTTP_TOKEN" if token else "no token"
     token_file: str | None = None
     if args.consul_token_file:  # read on every Consul call, again only when it changed
         token_file = os.path.abspath(args.consul_token_file)  # no symlink resolved: rotation
+        source = f"token from --consul-token-file {token_file}"
         try:
             token = file_secret(token_file)
         except ValueError as exc:
             raise ConfigError([f"--consul-token-file: {exc}"]) from exc
+    elif token:
+        remember(token)  # scrubbed from every output like the secrets of the topology
+    ca_file = getattr(args, "consul_ca_file", None) or None
+    if ca_file:
+        ca_file = os.path.abspath(ca_file)
+        try:
+            ssl_context(TlsSettings(ca_file=ca_file))
+        except TlsError as exc:
+            raise ConfigError([f"--consul-ca-file: {exc}"]) from exc
     return ConsulSettings(
         address=args.consul_addr,
         token=token,
@@ -44,7 +82,25 @@ def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings 
         prefix=args.consul_prefix,
         session_ttl=args.consul_session_ttl,
         advertise=advertise,
+        ca_file=ca_file,
+        token_source=source,
     )
+
+
+def check_kafka(topology: Topology, timeout: float = KAFKA_CHECK_TIMEOUT) -> None:
+    """Before anything starts: do the brokers accept the credentials and TLS? Raises
+    KafkaRefused if not; a Kafka that does not answer yet is only a warning (the router
+    starts and connects when it can, as it always did)."""
+    outcome = check_access(
+        topology.kafka.librdkafka_config(), datacenter=topology.datacenter, timeout=timeout
+    )
+    if outcome != "ok":
+        log.warning(
+            "kafka_unverified",
+            bootstrap=topology.kafka.bootstrap,
+            outcome=outcome,
+            reason="no broker answered; starting anyway (kafka_log events say why later)",
+        )
 
 
 def shutdown_deadline(topology: Topology) -> float:
@@ -57,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     topology_path: str = args.topology
     try:
         topology = load_topology(topology_path, datacenter=args.datacenter)
+        check_kafka(topology)
         server = StatusServer(args.listen or topology.http.listen)
         host = args.advertise_address or server.host
         if host in ("0.0.0.0", "::", ""):
@@ -69,6 +126,17 @@ def run(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(f"{topology_path}: {err}", file=sys.stderr)
         return 1
+    except KafkaRefused as exc:
+        log.error(
+            "kafka_refused",
+            bootstrap=topology.kafka.bootstrap,
+            mechanism=exc.mechanism or "TLS",
+            code=exc.code,
+            error=str(exc),
+            reason="the brokers refused the router at start",
+        )
+        print(f"failover-router: {exc}", file=sys.stderr)
+        return EXIT_KAFKA_REFUSED
     except OSError as exc:
         print(f"failover-router: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1
@@ -94,7 +162,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="failover-router")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run", help="route the topology's topics to its clusters")
+    p_run = sub.add_parser(
+        "run",
+        help="route the topology's topics to its clusters",
+        description="Exit codes: 0 stopped by a signal; 1 invalid topology or settings; "
+        "2 the Kafka brokers refused the credentials or TLS at start.",
+    )
     p_run.add_argument("--topology", required=True, help="path of topology.yaml (watched)")
     p_run.add_argument("--datacenter", default=os.environ.get("FROUTER_DATACENTER"))
     p_run.add_argument(
@@ -104,12 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_run.add_argument("--log-level", default=os.environ.get("FROUTER_LOG_LEVEL", "info"))
     p_run.add_argument(
-        "--consul-addr",
-        default=os.environ.get("CONSUL_HTTP_ADDR"),
-        help="Consul agent (host:port or URL); enables discovery, the shared verdict, KV "
-        "drains and self-registration. Token: CONSUL_HTTP_TOKEN or --consul-token-file",
+        "--consul-addr", default=os.environ.get("CONSUL_HTTP_ADDR"), help=CONSUL_ADDR_HELP
     )
-    p_run.add_argument("--consul-token-file", default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"))
+    p_run.add_argument(
+        "--consul-token-file",
+        default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
+        help=CONSUL_TOKEN_HELP,
+    )
+    p_run.add_argument(
+        "--consul-ca-file", default=os.environ.get("CONSUL_CACERT"), help=CONSUL_CA_HELP
+    )
     p_run.add_argument(
         "--consul-prefix", default=os.environ.get("FROUTER_CONSUL_PREFIX", "failover-router")
     )

@@ -11,6 +11,11 @@ group, and closes it once none is.
 ``CurrentAdmin`` is the admin of whichever set is current, for the readers that outlive sets
 (the lag reader).
 
+A new set is checked against the brokers before it replaces the current one
+(``KafkaClients.check``): if they refuse its credentials or its TLS (``KafkaRefused``) the
+router keeps the set it has. ``serve`` delivers the log lines and errors librdkafka queued for
+the handles that never fetch (``router.kafka``), once per pass of the reload thread.
+
 Threads: sets are built, swapped and closed on the reload thread; ``CurrentAdmin`` is read
 from the lag thread (one attribute read per call).
 """
@@ -23,13 +28,23 @@ from dataclasses import dataclass, field
 import structlog
 
 from router.errors import RouterError
-from router.kafka import DeadLetterProducer, KafkaAdmin
+from router.kafka import DeadLetterProducer, KafkaAdmin, check_access
 from router.offsets import Marks, TopicPart
+from router.secrets import file_stamp
 from router.topology import KafkaConfig
 
-__all__ = ["CurrentAdmin", "KafkaClients", "Retired"]
+__all__ = ["CurrentAdmin", "KafkaClients", "Resolved", "Retired", "resolve"]
 
 log = structlog.get_logger("router")
+
+# what one kafka: section is now: its librdkafka settings (secrets read) and the state of the
+# TLS files librdkafka reads at build (a rotated CA or certificate at the same path)
+Resolved = tuple[dict[str, str], tuple[object, ...]]
+
+
+def resolve(kafka: KafkaConfig) -> Resolved:
+    """Raises ConfigError if one of its secrets cannot be read."""
+    return kafka.librdkafka_config(), tuple(file_stamp(path) for path in kafka.tls_files())
 
 
 @dataclass
@@ -40,26 +55,39 @@ class KafkaClients:
     admin: KafkaAdmin = field(repr=False)
     dead_letters: DeadLetterProducer = field(repr=False)
     generation: int = 0  # 0 for the first set, +1 for each rebuild
+    files: tuple[object, ...] = ()  # the TLS files' stamps when built
 
     @classmethod
     def build(cls, kafka: KafkaConfig, generation: int = 0) -> KafkaClients:
         """Raises ConfigError (a secret cannot be read) or SourceError (librdkafka refused a
         setting). Builds handles only: nothing connects yet."""
-        config = kafka.librdkafka_config()
+        config, files = resolve(kafka)
         admin = KafkaAdmin(config)
         try:
             dead_letters = DeadLetterProducer(config, kafka.dead_letters)
         except RouterError:
             admin.close()
             raise
-        return cls(config, admin, dead_letters, generation)
+        return cls(config, admin, dead_letters, generation, files)
+
+    @property
+    def resolved(self) -> Resolved:
+        return self.config, self.files
 
     def matches(self, kafka: KafkaConfig) -> bool:
-        """Would ``kafka`` build the same clients now (same settings, secrets, topic)?
-        Raises ConfigError if one of its secrets cannot be read."""
-        return kafka.dead_letters == self.dead_letters.topic and (
-            kafka.librdkafka_config() == self.config
-        )
+        """Would ``kafka`` build the same clients now (same settings, secrets, TLS files,
+        topic)? Raises ConfigError if one of its secrets cannot be read."""
+        return kafka.dead_letters == self.dead_letters.topic and resolve(kafka) == self.resolved
+
+    def check(self, *, datacenter: str = "", timeout: float = 10.0) -> str:
+        """Do the brokers accept these settings? ``"ok"``, ``"unreachable"`` or ``"timeout"``
+        (nothing known yet); raises KafkaRefused when they refuse the credentials or TLS."""
+        return check_access(self.config, datacenter=datacenter, timeout=timeout)
+
+    def serve(self) -> None:
+        """Deliver queued librdkafka log lines and errors of the admin and producer handles."""
+        self.admin.serve()
+        self.dead_letters.serve()
 
     def close(self) -> None:
         """Deliver what the producer still holds (bounded) and close the offset readers."""
@@ -96,6 +124,10 @@ class Retired:
         for entry in self._sets:
             entry.clients.close()
         self._sets = []
+
+    def serve(self) -> None:
+        for entry in self._sets:
+            entry.clients.serve()
 
     def __len__(self) -> int:
         return len(self._sets)

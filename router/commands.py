@@ -10,7 +10,8 @@ Consul flags) and talk to a running router or to Kafka/Consul, never to a router
   they print the topology edit to make and exit 3 (a file the router does not own is never
   rewritten);
 - ``backfill``: write a time range of a route's topics to one cluster again
-  (``router.backfill``), resumable, with progress; exit 0 done, 130 interrupted, 1 error.
+  (``router.backfill``), resumable, with progress; exit 0 done, 130 interrupted, 1 error,
+  2 the Kafka brokers refused the credentials or TLS.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from health.consul import ConsulAPI, ConsulSettings
 from router.backfill import Backfill, BackfillError, Job, Progress, iso, parse_time, prepare
 from router.console import BackfillReport, render_status, status_exit_code
 from router.engine import influx_target, write_deadline
-from router.errors import ConfigError, ConsulError, RouterError
+from router.errors import ConfigError, ConsulError, KafkaRefused, RouterError
 from router.events import configure_logging
-from router.kafka import DeadLetterProducer, KafkaAdmin
+from router.kafka import DeadLetterProducer, KafkaAdmin, check_access
 from router.sink import InfluxSink
 from router.topology import Topology, load_topology
 
 COMMANDS = ("status", "drain", "undrain", "backfill")
 EXIT_EDIT_NEEDED = 3  # drain/undrain without Consul: the printed topology edit is to be made
 EXIT_INTERRUPTED = 130
+EXIT_KAFKA_REFUSED = 2  # the brokers refused the credentials or TLS (as `run`)
 
 ConsulSettingsOf = Callable[[argparse.Namespace, str], ConsulSettings | None]
 
@@ -243,6 +245,7 @@ def _run_backfill(
     job = backfill_job(args, topology, time.time())
     urls = _nodes(args, consul_of, topology, job.cluster)
     config = topology.kafka.librdkafka_config()
+    check_access(config, datacenter=topology.datacenter)  # KafkaRefused: exit 2
     admin = KafkaAdmin(config)
     dead_letters: DeadLetterProducer | None = None
     try:
@@ -281,6 +284,8 @@ def cmd_backfill(args: argparse.Namespace, consul_of: ConsulSettingsOf) -> int:
         return _config_errors(args, exc)
     try:
         job, result = _run_backfill(args, consul_of, topology)
+    except KafkaRefused as exc:  # credentials or TLS refused: as `run` at start
+        return _fail("backfill", str(exc), EXIT_KAFKA_REFUSED)
     except RouterError as exc:  # BackfillError, SourceError, ConfigError (a secret)...
         return _fail("backfill", str(exc))
     if result.state == "interrupted":
@@ -331,9 +336,20 @@ def _consul_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--consul-addr",
         default=os.environ.get("CONSUL_HTTP_ADDR"),
-        help="Consul agent (host:port or URL). Token: CONSUL_HTTP_TOKEN or --consul-token-file",
+        help="Consul agent: host:port, http://host:port or https://host:port "
+        "(env CONSUL_HTTP_ADDR)",
     )
-    p.add_argument("--consul-token-file", default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"))
+    p.add_argument(
+        "--consul-token-file",
+        default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
+        help="file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE); it always wins "
+        "over CONSUL_HTTP_TOKEN, used only without a token file (empty: no token)",
+    )
+    p.add_argument(
+        "--consul-ca-file",
+        default=os.environ.get("CONSUL_CACERT"),
+        help="CA bundle of an https Consul agent (env CONSUL_CACERT; default: certifi's CAs)",
+    )
     p.add_argument(
         "--consul-prefix", default=os.environ.get("FROUTER_CONSUL_PREFIX", "failover-router")
     )

@@ -31,7 +31,7 @@ from health.consul import ConsulSettings
 from health.shared import ClusterSource, DiscoverySpec, SharedVerdict, replica_id
 from health.verdict import ClusterState, Verdict, VerdictSource
 from router import status
-from router.clients import CurrentAdmin, KafkaClients, Retired
+from router.clients import CurrentAdmin, KafkaClients, Resolved, Retired, resolve
 from router.control import (
     ControlLoop,
     DestinationFactory,
@@ -40,7 +40,7 @@ from router.control import (
     RouteRuntime,
 )
 from router.destination import Destination, DestinationSpec
-from router.errors import ConfigError, RouterError
+from router.errors import ConfigError, KafkaRefused, RouterError
 from router.guard import Guards
 from router.kafka import DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
@@ -52,7 +52,7 @@ from router.reprobe import Reprober
 from router.secrets import file_stamp
 from router.sink import Credentials, InfluxSink, InfluxTarget
 from router.source import AssignedSource
-from router.topology import ClusterConfig, Topology, load_topology
+from router.topology import ClusterConfig, KafkaConfig, Topology, load_topology
 
 log = structlog.get_logger("router")
 
@@ -64,6 +64,7 @@ TICK_TIMEOUT = 15.0  # /healthz fails when the control loop has not ticked for t
 # that joins gets [] in the first round of a cooperative rebalance and its partitions in a
 # second one, once their old owner released them (at most REVOKE_WAIT), plus a heartbeat.
 EMPTY_ASSIGNMENT_GRACE = REVOKE_WAIT + 2.0
+KAFKA_CHECK_TIMEOUT = 10.0  # longest wait for the brokers' verdict on new kafka settings
 
 
 def credentials_of(cluster: ClusterConfig) -> Credentials:
@@ -94,13 +95,18 @@ def influx_target(name: str, cluster: ClusterConfig) -> InfluxTarget:
         max_retries=cluster.max_retries,
         compression=cluster.compression,
         compression_level=cluster.compression_level,
+        tls=cluster.tls_settings(),
     )
 
 
 def health_specs(topology: Topology) -> dict[str, ClusterSpec]:
     return {
         name: ClusterSpec(
-            api=c.api, nodes=tuple(c.urls), min_healthy=c.min_healthy, flavor=c.flavor
+            api=c.api,
+            nodes=tuple(c.urls),
+            min_healthy=c.min_healthy,
+            flavor=c.flavor,
+            tls=c.tls_settings(),
         )
         for name, c in topology.clusters.items()
     }
@@ -116,6 +122,7 @@ def cluster_sources(topology: Topology) -> dict[str, ClusterSource]:
             if c.consul_service
             else None,
             flavor=c.flavor,
+            tls=c.tls_settings(),
         )
         for name, c in topology.clusters.items()
     }
@@ -158,9 +165,11 @@ class Router:
         lag_timeout: float = LAG_TIMEOUT,
         stall_after: float | None = None,
         tick_timeout: float = TICK_TIMEOUT,
+        kafka_check_timeout: float = KAFKA_CHECK_TIMEOUT,
     ) -> None:
         """``destinations`` builds a route's destination (default: ``build_destination``);
-        ``stall_after`` overrides the write deadline as the stall threshold (tests)."""
+        ``stall_after`` overrides the write deadline as the stall threshold (tests);
+        ``kafka_check_timeout`` bounds the check of a new ``kafka:`` section on a reload."""
         needs_consul(topology, consul)
         self.topology = topology  # replaced (never mutated) by a reload
         self._consul = consul
@@ -171,6 +180,10 @@ class Router:
         self._kafka = KafkaClients.build(topology.kafka)
         self._retired_kafka = Retired()
         self._kafka_error = ""  # why the last kafka: section could not be applied
+        # the section and settings (secrets read) the brokers refused last: not tried again
+        # until they change, and the error clears when the secret is back to the one in use
+        self._kafka_refused: tuple[KafkaConfig, Resolved] | None = None
+        self._kafka_check_timeout = kafka_check_timeout
         self.metrics.topology_valid.set(1)  # the topology we start with is valid
         for name in topology.clusters:
             self.metrics.init_cluster(name)
@@ -325,8 +338,10 @@ class Router:
         try:
             if current.matches(new.kafka):
                 self._kafka_error = ""  # e.g. a refused section reverted
+                self._kafka_refused = None
                 return new, None
             fresh = KafkaClients.build(new.kafka, current.generation + 1)
+            self._check_kafka(fresh, new)
         except RouterError as exc:
             self._kafka_error = f"kafka: {exc}; still using the previous kafka settings"
             self.metrics.topology_valid.set(0)
@@ -337,7 +352,10 @@ class Router:
             )
             return new.model_copy(update={"kafka": self.topology.kafka}), None
         self._kafka = fresh
+        if self._kafka_error:  # the previous failure is over
+            self.metrics.topology_valid.set(0 if self._reloader.error else 1)
         self._kafka_error = ""
+        self._kafka_refused = None
         log.warning(
             "kafka_clients_rebuilt",
             generation=fresh.generation,
@@ -346,6 +364,26 @@ class Router:
             reason="kafka settings or secrets changed; every route moves to the new clients",
         )
         return new, current
+
+    def _check_kafka(self, fresh: KafkaClients, new: Topology) -> None:
+        """Reload thread: may the new clients replace the current ones? Raises KafkaRefused
+        (and closes them) when the brokers refuse their credentials or TLS; a Kafka that does
+        not answer within the check's deadline is no reason to refuse them."""
+        try:
+            fresh.check(datacenter=new.datacenter, timeout=self._kafka_check_timeout)
+        except RouterError as exc:
+            fresh.close()
+            if isinstance(exc, KafkaRefused):
+                self._kafka_refused = (new.kafka, fresh.resolved)
+                log.error(
+                    "kafka_refused",
+                    bootstrap=new.kafka.bootstrap,
+                    mechanism=exc.mechanism or "TLS",
+                    code=exc.code,
+                    error=str(exc),
+                    reason="new kafka settings refused by the brokers; the previous ones stay",
+                )
+            raise
 
     def _revive_memberships(self) -> None:
         """Reload thread, every pass: a route membership whose thread ended (a fatal consumer
@@ -362,17 +400,32 @@ class Router:
             fresh.start()
 
     def _watch_kafka_secrets(self) -> None:
-        """Reload thread, every pass: a Kafka secret rotated under an unchanged kafka: section
-        (a SASL password file) is applied like a change of the section."""
+        """Reload thread, every pass: a Kafka secret or TLS file rotated under an unchanged
+        kafka: section (a SASL password file, a CA bundle, a client certificate) is applied like
+        a change of the section. A rotation the brokers refused is not tried again until the
+        secret changes once more; put back, it clears."""
         self._revive_memberships()
-        if self._kafka_error:
-            return  # waits for the next edit of the topology
+        self._kafka.serve()  # librdkafka's queued log lines of the handles that never fetch
+        self._retired_kafka.serve()
+        refused = self._kafka_refused
+        if self._kafka_error and (refused is None or refused[0] != self.topology.kafka):
+            return  # an edit of the section failed: waits for the next edit of the topology
         try:
-            same = self._kafka.matches(self.topology.kafka)
+            wanted = resolve(self.topology.kafka)
         except ConfigError:
             return  # unreadable and never read: the clients keep what they have
-        if not same:
-            self._apply_now(self.topology, reason="kafka secret changed")
+        if refused is not None and wanted == refused[1]:
+            return  # refused already (reported once)
+        if wanted == self._kafka.resolved and self._kafka.dead_letters.topic == (
+            self.topology.kafka.dead_letters
+        ):
+            if refused is not None:  # the refused secret was put back
+                self._kafka_refused = None
+                self._kafka_error = ""
+                self.metrics.topology_valid.set(0 if self._reloader.error else 1)
+                log.warning("kafka_clients_kept", reason="the refused kafka secret was reverted")
+            return
+        self._apply_now(self.topology, reason="kafka secret changed")
 
     def _routes_moved(self) -> None:
         """After the rebuilder changed the routes run or the destinations leaving: the lag

@@ -5,14 +5,20 @@ py-consul, pydantic, PyYAML) are translated once, at the adapter that calls the 
     RouterError
     ├── ConfigError            topology invalid: .errors holds every "key.path: message (line N)"
     ├── SourceError            Kafka: cannot consume, commit, read offsets
-    │   └── DeadLetterError    dead letters not confirmed stored (topic missing, ACL denied,
-    │                          too large, fatal producer error, no answer in time): .topic,
-    │                          .code (the Kafka error name); the batch must not commit
+    │   ├── DeadLetterError    dead letters not confirmed stored (topic missing, ACL denied,
+    │   │                      too large, fatal producer error, no answer in time): .topic,
+    │   │                      .code (the Kafka error name); the batch must not commit
+    │   └── KafkaRefused       the brokers refused the router's credentials (SASL) or TLS:
+    │                          .mechanism, .code; exit 2 at start, the previous kafka: section
+    │                          kept on a reload
     ├── ConsulError            Consul unreachable or refused a call (the router falls back to
-    │                          its local verdict; never fatal)
+    │   │                      its local verdict; never fatal)
+    │   └── ConsulDenied       403: the ACL token is missing, unknown or lacks a permission
     └── SinkError              an InfluxDB write did not succeed
         ├── SinkUnavailable    5xx, connection refused/reset: retry, then a health signal
-        │   └── SinkTimeout    no answer within the write timeout (also retried)
+        │   ├── SinkTimeout    no answer within the write timeout (also retried)
+        │   └── SinkTlsError   TLS failed: certificate not trusted, wrong name, our client
+        │                      certificate refused (retried like the others; says so)
         └── SinkMisconfigured  401/403 or unknown database/bucket: stop this destination, loudly
 
 A 400 (bad lines) or 413 (body too large) is not an error of this tree: the sink resolves it
@@ -53,8 +59,23 @@ class DeadLetterError(SourceError):
         super().__init__(message)
 
 
+class KafkaRefused(SourceError):
+    """The brokers refused the router: SASL authentication failed, or TLS did (a certificate
+    not trusted, our certificate refused). ``mechanism`` is the SASL mechanism (or "" for
+    TLS), ``code`` librdkafka's error name (``_AUTHENTICATION``, ``_SSL``). Never a secret."""
+
+    def __init__(self, message: str, *, mechanism: str = "", code: str = "") -> None:
+        self.mechanism = mechanism
+        self.code = code
+        super().__init__(message)
+
+
 class ConsulError(RouterError):
     """A Consul call failed: the agent is unreachable, timed out, or refused (ACL)."""
+
+
+class ConsulDenied(ConsulError):
+    """Consul answered 403: no token, an unknown token, or one that lacks the permission."""
 
 
 class SinkError(RouterError):
@@ -72,6 +93,11 @@ class SinkUnavailable(SinkError):
 
 class SinkTimeout(SinkUnavailable):
     """The node gave no answer within the write timeout."""
+
+
+class SinkTlsError(SinkUnavailable):
+    """TLS with the node failed: its certificate is not trusted or not for its name, or it
+    refused ours. The message says ``TLS: ...``."""
 
 
 class SinkMisconfigured(SinkError):

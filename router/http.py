@@ -5,7 +5,9 @@
 destination, a rebuild waiting for an old consumer) if there is one. ``/readyz`` answers 200
 ``ready`` once the replica holds its partitions (``Router.readiness``), else 503 ``not ready:
 <why>``. Every answer is built from snapshots: none waits on a thread that talks to Kafka or
-InfluxDB.
+InfluxDB. No answer holds a secret: ``/api/status`` and ``/healthz`` are scrubbed
+(``router.secrets.scrub``) before they are sent, and ``/metrics`` labels are names only (route,
+cluster, topic, outcome).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.events import RECENT
 from router.metrics import Metrics
+from router.secrets import scrub
 from router.status import one_line
 
 
@@ -90,6 +93,7 @@ class StatusServer:
             self._send(req, 200, generate_latest(r.metrics.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             problem, warnings = r.health()
+            problem, warnings = scrub(problem), [scrub(w) for w in warnings]
             if problem:
                 self._send(req, 503, f"{problem}\n".encode(), "text/plain; charset=utf-8")
             else:
@@ -105,7 +109,8 @@ class StatusServer:
             body = {**r.status(), "events": RECENT.snapshot()[-50:]}
             if "partitions" not in parse_qs(query, keep_blank_values=True):
                 _drop_partitions(body)
-            self._send(req, 200, json.dumps(body).encode(), "application/json")
+            # every reason and event is scrubbed where it is made; this is the last net
+            self._send(req, 200, scrub(json.dumps(body)).encode(), "application/json")
         elif path in ("/", "/index.html"):
             self._send(req, 200, _page(), "text/html; charset=utf-8")
         else:

@@ -1,5 +1,17 @@
 """The Kafka adapter for everything that is not the consume loop: group offsets, watermarks,
 topic discovery and dead letters. confluent-kafka errors become ``SourceError`` here.
+
+Every librdkafka client of the router (consumers, producers, admin clients, here and in
+``router.source``, ``router.membership``, ``router.backfill``) is built from
+``client_config``, which adds ``KAFKA_LOG``: librdkafka's own log lines become structlog
+events ``kafka_log`` (``facility``, ``client``, ``message``) at their level, with every secret
+the process has read cut out (``router.secrets.scrub``), instead of raw lines on stderr.
+confluent-kafka delivers them on the thread that polls the client, so the handles that never
+fetch (offset readers, the admin client, the dead-letter producer) are polled by ``serve``.
+
+``check_access`` connects once with a section's settings and tells whether the brokers refuse
+them: a failed SASL authentication or TLS handshake is ``KafkaRefused`` (the router exits 2
+at start, a reload keeps the previous section), naming the brokers and the mechanism.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from confluent_kafka import (
@@ -26,11 +38,122 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
-from router.errors import DeadLetterError, SourceError
+from router.errors import DeadLetterError, KafkaRefused, SourceError
 from router.offsets import NO_OFFSET, TopicPart
 from router.offsets import Marks as Watermarks
+from router.secrets import scrub
 
 log = structlog.get_logger("router")
+kafka_log = structlog.get_logger("librdkafka")
+
+# confluent-kafka maps syslog levels to logging's numbers; structlog's method of each
+_LEVELS = ((40, "error"), (30, "warning"), (20, "info"))
+
+
+class KafkaLog:
+    """What confluent-kafka calls as ``logger``: ``log(level, "%s [%s] %s", fac, name, line)``.
+
+    Each line becomes one ``kafka_log`` event, secrets scrubbed. It never raises: an exception
+    here would end the poll call that delivered the line.
+    """
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        try:
+            facility, client, line = (str(a) for a in args) if len(args) == 3 else ("", "", "")
+            message = line if len(args) == 3 else (msg % args if args else msg)
+        except (TypeError, ValueError):
+            facility, client, message = "", "", " ".join(map(str, (msg, *args)))
+        method = next((name for floor, name in _LEVELS if level >= floor), "debug")
+        getattr(kafka_log, method)(
+            "kafka_log", facility=facility, client=client, message=scrub(message)
+        )
+
+
+KAFKA_LOG = KafkaLog()
+
+
+def client_config(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of one librdkafka client: ``parts`` merged in order (later ones win), and
+    the router's logger. Every Consumer, Producer and AdminClient is built from this."""
+    config: dict[str, Any] = {}
+    for part in parts:
+        config.update(part)
+    config["logger"] = KAFKA_LOG
+    return config
+
+
+_REFUSALS = {
+    KafkaError._AUTHENTICATION: "the brokers refused the router's credentials",
+    KafkaError._SSL: "TLS with the brokers failed",
+}
+
+
+def check_access(config: Mapping[str, str], *, datacenter: str = "", timeout: float = 10.0) -> str:
+    """Connect once with ``config`` and read the cluster's metadata.
+
+    Returns ``"ok"``, or ``"unreachable"`` (no broker answered: nothing can be said about
+    the credentials yet) or ``"timeout"``. Raises ``KafkaRefused`` as soon as librdkafka
+    reports a failed SASL authentication (``_AUTHENTICATION``) or TLS handshake (``_SSL``).
+    """
+    errors: list[KafkaError] = []
+    try:
+        admin = AdminClient(client_config(config, {"error_cb": errors.append}))
+    except KafkaException as exc:
+        raise SourceError(f"cannot create a Kafka client: {scrub(str(exc))}") from exc
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        try:
+            admin.list_topics(timeout=min(0.5, left))
+            return "ok"
+        except KafkaException:
+            pass  # the reason, if any, comes through error_cb
+        admin.poll(0)
+        for err in errors:
+            if _refusal(err) is not None:
+                raise _refused(config, err, datacenter)
+        if any(err.code() == KafkaError._ALL_BROKERS_DOWN for err in errors):
+            return "unreachable"
+
+
+def _refusal(err: KafkaError) -> str | None:
+    """What a librdkafka error says about our settings: refused credentials, failed TLS (a
+    broker certificate we do not trust, or a TLS alert: our client certificate refused), or
+    nothing (None: a broker down, a timeout)."""
+    if err.code() in _REFUSALS:
+        return _REFUSALS[err.code()]
+    text = err.str()
+    if err.code() == KafkaError._TRANSPORT and ("SSL routines" in text or "tls alert" in text):
+        return _REFUSALS[KafkaError._SSL]  # e.g. "ssl/tls alert bad certificate"
+    return None
+
+
+_TOKEN_FAILURE = "Failed to acquire SASL OAUTHBEARER token"  # librdkafka, OIDC
+
+
+def _refused(config: Mapping[str, str], err: KafkaError, datacenter: str) -> KafkaRefused:
+    mechanism = config.get("sasl.mechanism", "") if err.code() == KafkaError._AUTHENTICATION else ""
+    where = f"kafka {config.get('bootstrap.servers', '?')}"
+    if datacenter:
+        where += f" (datacenter {datacenter})"
+    how = f"SASL {mechanism}" if mechanism else config.get("security.protocol", "")
+    what = _refusal(err)
+    if not mechanism:
+        hint = "check kafka.tls (ca_file: the CA of the brokers' certificates; cert_file/key_file)"
+    elif mechanism == "OAUTHBEARER":
+        hint = "check kafka.sasl_oauthbearer (token_endpoint_url, client id and secret, scope)"
+        if _TOKEN_FAILURE in err.str():
+            what = "the token endpoint refused the router's client credentials"
+    else:
+        hint = "check kafka.sasl_username_env and sasl_password_env/sasl_password_file"
+    return KafkaRefused(
+        f"{where}: {what} ({how}): {scrub(err.str())}; {hint}",
+        mechanism=mechanism,
+        code=err.name(),
+    )
+
 
 _EARLIEST: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
@@ -56,9 +179,9 @@ class KafkaAdmin:
     def __init__(self, config: Mapping[str, str], timeout: float = 10.0) -> None:
         self._config = dict(config)
         try:
-            self._admin = AdminClient(dict(config))
+            self._admin = AdminClient(client_config(config))
         except KafkaException as exc:  # a setting librdkafka refuses (client_config)
-            raise SourceError(f"cannot create the Kafka admin client: {exc}") from exc
+            raise SourceError(f"cannot create the Kafka admin client: {scrub(str(exc))}") from exc
         self._timeout = timeout
         self._readers: dict[str, _Reader] = {}
         self._readers_lock = threading.Lock()
@@ -125,7 +248,7 @@ class KafkaAdmin:
             entry = self._readers.get(group)
             if entry is None:
                 consumer = Consumer(
-                    {**self._config, "group.id": group, "enable.auto.commit": "false"}
+                    client_config(self._config, {"group.id": group, "enable.auto.commit": "false"})
                 )
                 entry = _Reader(consumer)
                 self._readers[group] = entry
@@ -166,19 +289,40 @@ class KafkaAdmin:
         for reader in readers:
             self._close_reader(reader)
 
+    def serve(self) -> None:
+        """Deliver what librdkafka queued for the handles that never fetch (log lines, errors):
+        the admin client and each offset reader not busy right now. Never waits."""
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self._admin.poll(0)
+        with self._readers_lock:
+            readers = list(self._readers.values())
+            if self._peek is not None:
+                readers.append(self._peek)
+        for reader in readers:
+            if not reader.lock.acquire(blocking=False):
+                continue  # in use: served next time
+            try:
+                if not reader.closed:
+                    with contextlib.suppress(KafkaException, RuntimeError):
+                        reader.consumer.poll(0)
+            finally:
+                reader.lock.release()
+
     def _peek_reader(self) -> _Reader:
         with self._readers_lock:
             if self._peek is None:
                 self._peek = _Reader(
                     Consumer(
-                        {
-                            **self._config,
-                            "group.id": "frouter-peek",  # required by librdkafka; never used
-                            "enable.auto.commit": "false",
-                            "enable.auto.offset.store": "false",
-                            "max.partition.fetch.bytes": "65536",
-                            "queued.max.messages.kbytes": "1024",
-                        }
+                        client_config(
+                            self._config,
+                            {
+                                "group.id": "frouter-peek",  # required by librdkafka; never used
+                                "enable.auto.commit": "false",
+                                "enable.auto.offset.store": "false",
+                                "max.partition.fetch.bytes": "65536",
+                                "queued.max.messages.kbytes": "1024",
+                            },
+                        )
                     )
                 )
             return self._peek
@@ -482,9 +626,9 @@ class _Client:
         self.fatal: KafkaError | None = None
         self.last_error: tuple[float, KafkaError] | None = None
         try:
-            self.producer = Producer({**config, "error_cb": self._on_error})
+            self.producer = Producer(client_config(config, {"error_cb": self._on_error}))
         except KafkaException as exc:
-            raise SourceError(f"cannot create the dead-letter producer: {exc}") from exc
+            raise SourceError(f"cannot create the dead-letter producer: {scrub(str(exc))}") from exc
 
     def _on_error(self, err: KafkaError) -> None:
         # runs on a polling thread; single attribute stores only
@@ -525,6 +669,13 @@ class _SharedClient:
         self.config = dict(config)
         self._lock = threading.Lock()  # guards _client; never held while waiting on Kafka
         self._client = _Client(self.config)
+
+    def poll(self) -> None:
+        """Serve the current producer's callbacks (no rebuild here: ``current`` does that)."""
+        with self._lock:
+            client = self._client
+        with contextlib.suppress(KafkaException, RuntimeError):
+            client.producer.poll(0)
 
     def current(self, topic: str) -> _Client:
         """The producer to use now: a new one if the current one reported a fatal error."""
@@ -688,6 +839,10 @@ class DeadLetterProducer:
                     topic=self.topic,
                     code=err.name(),
                 ) from exc
+
+    def serve(self) -> None:
+        """Deliver the producer's queued callbacks (log lines, errors). Never waits."""
+        self._shared.poll()
 
     def close(self, timeout: float = 10.0) -> None:
         """Wait up to ``timeout`` seconds for every queued letter (at shutdown)."""

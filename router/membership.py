@@ -41,7 +41,9 @@ import structlog
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from router.errors import SourceError
+from router.kafka import client_config
 from router.offsets import TopicPart
+from router.secrets import scrub
 
 log = structlog.get_logger("router")
 
@@ -94,10 +96,12 @@ class RouteMembership:
         self._topics = list(topics)
         try:
             self._consumer = Consumer(
-                membership_config(group, f"frouter-{route}-membership", kafka_config)
+                client_config(membership_config(group, f"frouter-{route}-membership", kafka_config))
             )
         except KafkaException as exc:
-            raise SourceError(f"cannot create the membership consumer of {group}: {exc}") from exc
+            raise SourceError(
+                f"cannot create the membership consumer of {group}: {scrub(str(exc))}"
+            ) from exc
         self._lock = threading.Lock()
         self._owned: set[TopicPart] = set()
         self._members: list[Member] = []

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # The closed label values of the labelled series (each exposed with 0 from the start).
 BATCH_OUTCOMES = ("ok", "failed", "misconfigured", "dead_letter_error")
-FAILURE_REASONS = ("unavailable", "timeout", "misconfigured", "dead_letter", "internal")
+FAILURE_REASONS = ("unavailable", "timeout", "tls", "misconfigured", "dead_letter", "internal")
 RELOAD_OUTCOMES = ("applied", "rejected")
 # The states a destination reports (frouter_destination_state has one series per state).
 DESTINATION_STATES = (
@@ -176,7 +176,8 @@ class Metrics:
         )
         self.batch_failures = Counter(
             "frouter_batch_failures",
-            "Failed batches by reason (unavailable, timeout, misconfigured, dead_letter, internal)",
+            "Failed batches by reason "
+            "(unavailable, timeout, tls, misconfigured, dead_letter, internal)",
             [*rc, "reason"],
             registry=r,
         )

@@ -11,7 +11,8 @@ answer                                 what the sink does
 5xx, timeout, refused/reset, other     ``on_node_result(node, False)``, retry on the next
 transport error, unexpected status     node after ``backoff(n)``; after ``max_retries``
                                        retries: ``SinkUnavailable`` (``SinkTimeout`` when the
-                                       last failure was a timeout)
+                                       last failure was a timeout, ``SinkTlsError`` when it
+                                       was TLS: certificate not trusted, wrong name...)
 400 (partial write / unable to parse)  isolate the bad lines from the server's own message
 422 (2.x: partial write)               (or by bisection when it does not name them all);
                                        the good lines are written; bad ones returned as
@@ -29,6 +30,12 @@ token is what the next request sends, without rebuilding the sink. ``probe()`` s
 write with the current credentials: InfluxDB 1.x answers it like a real write (401 bad
 credentials, 403 no write permission, 404 unknown database, 500 unknown retention policy,
 204 accepted) without storing anything.
+
+The HTTP client comes from ``router.tls`` (``InfluxTarget.tls``: the cluster's CA bundle,
+client certificate, or no verification), the same factory the health probes use, with
+``trust_env=False``; it is rebuilt when one of its files changes. A TLS failure is told from
+other transport errors: the failure says ``TLS: certificate verify failed: <why>`` and a
+``tls_error`` event names the cluster and the node (once until that node works again).
 
 Lines are only split on the 400/413 path, with InfluxDB 1.x's own scanner rules (a newline
 inside a quoted string field value does not end a line), so the lines the server names match
@@ -71,7 +78,15 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from router.errors import ConfigError, SinkMisconfigured, SinkTimeout, SinkUnavailable
+from router.errors import (
+    ConfigError,
+    SinkMisconfigured,
+    SinkTimeout,
+    SinkTlsError,
+    SinkUnavailable,
+)
+from router.secrets import scrub
+from router.tls import ReloadingClient, TlsError, TlsSettings, http_client, tls_failure
 
 __all__ = [
     "TOO_LARGE_REASON",
@@ -155,6 +170,7 @@ class InfluxTarget:
     compression: Literal["none", "gzip"] = "none"
     compression_level: int = 1  # gzip: 1 (fastest) .. 9
     credentials: Callable[[], Credentials] | None = field(default=None, repr=False, compare=False)
+    tls: TlsSettings | None = None  # https only: CA, client certificate, verification
 
     def current_credentials(self) -> Credentials:
         """The credentials to send now. Raises ConfigError if a secret cannot be read."""
@@ -249,13 +265,23 @@ class InfluxSink:
             self._params = {"bucket": target.bucket or "", "precision": target.precision}
             if target.org:
                 self._params["org"] = target.org
-        self._client = httpx.Client(
-            headers=headers,
-            # pool=None: waiting for a free connection is back-pressure, not a node failure
-            timeout=httpx.Timeout(target.timeout, pool=None),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._tls_failing: dict[str, str] = {}  # node -> TLS reason reported (tls_error)
+
+        def build() -> httpx.Client:
+            return http_client(
+                target.tls,
+                headers=headers,
+                # pool=None: waiting for a free connection is back-pressure, not a node failure
+                timeout=httpx.Timeout(target.timeout, pool=None),
+                transport=transport,
+            )
+
+        try:
+            self._client = ReloadingClient(target.cluster, target.tls, build)
+        except TlsError as exc:  # a file changed or went away since the topology was loaded
+            raise ConfigError(
+                [f"clusters.{target.cluster}.tls.{exc.key}: {exc}"], source="tls"
+            ) from None
 
     def __repr__(self) -> str:
         return f"InfluxSink(cluster={self._target.cluster!r}, api={self._target.api!r})"
@@ -425,12 +451,19 @@ class InfluxSink:
                 )
                 cause = exc
             except httpx.TransportError as exc:
-                failure = SinkUnavailable(
-                    f"{target.cluster}: {shown} unreachable: {type(exc).__name__}: "
-                    f"{self._scrub(str(exc))}",
-                    cluster=target.cluster,
-                    node=shown,
-                )
+                tls = tls_failure(exc)
+                if tls is not None:
+                    failure = SinkTlsError(
+                        f"{target.cluster}: {shown}: {tls}", cluster=target.cluster, node=shown
+                    )
+                    self._tls_failed(node, shown, tls)
+                else:
+                    failure = SinkUnavailable(
+                        f"{target.cluster}: {shown} unreachable: {type(exc).__name__}: "
+                        f"{self._scrub(str(exc))}",
+                        cluster=target.cluster,
+                        node=shown,
+                    )
                 cause = exc
             except httpx.InvalidURL as exc:
                 raise SinkMisconfigured(
@@ -476,15 +509,16 @@ class InfluxSink:
         credentials changed while it was under way (a rotation between read and answer)."""
         url = node.rstrip("/") + self._path
         creds, auth = self._credentials()
-        resp = self._client.post(
-            url, params=self._params, content=content, auth=auth.auth, headers=auth.headers
-        )
-        if resp.status_code in (401, 403) and self._credentials()[0] != creds:
-            resp.close()
-            auth = self._credentials()[1]
-            resp = self._client.post(
+        with self._client.client() as client:
+            resp = client.post(
                 url, params=self._params, content=content, auth=auth.auth, headers=auth.headers
             )
+            if resp.status_code in (401, 403) and self._credentials()[0] != creds:
+                resp.close()
+                auth = self._credentials()[1]
+                resp = client.post(
+                    url, params=self._params, content=content, auth=auth.auth, headers=auth.headers
+                )
         return resp
 
     def _misconfigured(self, status: int, message: str) -> bool:
@@ -497,13 +531,28 @@ class InfluxSink:
         return status == 400 and _REQUEST_LEVEL_400.search(message) is not None
 
     def _report(self, node: str, ok: bool) -> None:
+        if ok and self._tls_failing:
+            self._tls_failing.pop(node, None)
         if self._on_node_result is not None:
             self._on_node_result(node, ok)
+
+    def _tls_failed(self, node: str, shown: str, reason: str) -> None:
+        """One ``tls_error`` event per node and reason, until the node answers again."""
+        if self._tls_failing.get(node) == reason:
+            return
+        self._tls_failing[node] = reason
+        log.error(
+            "tls_error",
+            cluster=self._target.cluster,
+            node=shown,
+            reason=reason,
+            hint=f"check clusters.{self._target.cluster}.tls and the node's certificate",
+        )
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return text
+        return scrub(text)
 
     def _redact_url(self, url: str) -> str:
         """The node URL without user:password@, and with no secret left in it."""

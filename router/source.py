@@ -26,7 +26,9 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from router.errors import SourceError
+from router.kafka import client_config
 from router.offsets import TopicPart
+from router.secrets import scrub
 
 log = structlog.get_logger("router")
 
@@ -92,9 +94,10 @@ class _ConsumerSource:
         self.out_of_range: list[TopicPart] = []
         self._known_topics: set[str] = set()
         try:
-            self._consumer = Consumer(consumer_config(group, client_id, kafka_config))
+            config = client_config(consumer_config(group, client_id, kafka_config))
+            self._consumer = Consumer(config)
         except KafkaException as exc:
-            raise SourceError(f"cannot create the consumer of {group}: {exc}") from exc
+            raise SourceError(f"cannot create the consumer of {group}: {scrub(str(exc))}") from exc
 
     def _assign_at(
         self, partitions: list[TopicPartition], starts: Mapping[TopicPart, int], incremental: bool

@@ -5,7 +5,10 @@
     Topology
     ├── datacenter    str (the ``datacenter`` argument overrides the file)
     ├── kafka         KafkaConfig     bootstrap, group prefix, dead-letter topic, security
+    │                 ├── tls               TlsConfig          CA, client cert, key password
+    │                 └── sasl_oauthbearer  OAuthBearerConfig  OIDC client credentials
     ├── clusters      {name: ClusterConfig}   urls or a Consul service, v1 database / v2 bucket
+    │                 └── tls    TlsConfig    https nodes: the sink's and the probes' TLS
     ├── routes        (RouteConfig, ...)      topics -> primary + standby, or mirror clusters
     │                 ├── batch  BatchConfig
     │                 └── guard  GuardConfig      block rules, cardinality limits (optional)
@@ -17,12 +20,13 @@ Every problem in a file is reported at once, as ``ConfigError.errors``: one line
 (``yaml.compose``); a pydantic error ``loc`` is walked down that tree, and a key that is missing
 from the file is reported at the line of its nearest parent.
 
-Secrets (InfluxDB passwords and tokens, the SASL password) are never written in the topology:
-it names an environment variable (``*_env``) or a file (``*_file``). They are resolved once at
-load to prove they exist, and again each time ``credentials()``, ``token()`` or
-``librdkafka_config()`` is called (``router.secrets``: a file is read again only when it
-changed, so asking per request is cheap), so a rotated secret is what the next request or
-client uses. No model field holds a secret, so no repr, log line or status page can show one.
+Secrets (InfluxDB passwords and tokens, the SASL password, the OAuth client secret, TLS key
+passwords) are never written in the topology: it names an environment variable (``*_env``) or
+a file (``*_file``). They are resolved once at load to prove they exist, and again each time
+``credentials()``, ``token()`` or ``librdkafka_config()`` is called (``router.secrets``: a file
+is read again only when it changed, so asking per request is cheap), so a rotated secret is
+what the next request or client uses. No model field holds a secret, so no repr, log line or
+status page can show one. TLS files (``tls:``) are read at load too, to prove they can be used.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
+import certifi
 import yaml
 from pydantic import (
     AfterValidator,
@@ -53,7 +58,8 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from router.errors import ConfigError
 from router.graphite import GraphiteError, parse_templates
-from router.secrets import env_secret, file_secret
+from router.secrets import env_secret, file_secret, scrub
+from router.tls import TlsError, TlsSettings, ssl_context
 
 __all__ = [
     "BatchConfig",
@@ -66,7 +72,9 @@ __all__ = [
     "HealthConfig",
     "HttpConfig",
     "KafkaConfig",
+    "OAuthBearerConfig",
     "RouteConfig",
+    "TlsConfig",
     "Topology",
     "check_topology_main",
     "load_topology",
@@ -253,22 +261,38 @@ def _check_file_secret(path: str) -> str:
     return path
 
 
+def _check_env_value(name: str) -> str:
+    """A variable that holds a name, not a secret (a username): read, never scrubbed."""
+    if not ENV_NAME_PATTERN.match(name):
+        raise ValueError("not an environment variable name (letters, digits and '_')")
+    env_secret(name, secret=False)
+    return name
+
+
+def _check_file_value(path: str) -> str:
+    file_secret(path, secret=False)
+    return path
+
+
 def _check_readable(path: str) -> str:
     if not Path(path).is_file() or not os.access(path, os.R_OK):
         raise ValueError(f"cannot read {path}")
     return path
 
 
-def _secret(env_key: str, env: str | None, file_key: str, file: str | None) -> str | None:
+def _secret(
+    env_key: str, env: str | None, file_key: str, file: str | None, *, secret: bool = True
+) -> str | None:
     """Read a secret now from the variable or file the topology names; None if it names none.
+    ``secret=False`` for a value that is not one (a username, a client id): not scrubbed.
 
     Raises ConfigError if it has gone since the topology was loaded.
     """
     try:
         if env is not None:
-            return env_secret(env)
+            return env_secret(env, secret=secret)
         if file is not None:
-            return file_secret(file)
+            return file_secret(file, secret=secret)
     except ValueError as exc:
         key = env_key if env is not None else file_key
         raise ConfigError([f"{key}: {exc}"], source="secrets") from exc
@@ -288,6 +312,8 @@ Topic = Annotated[str, AfterValidator(_check_topic)]
 Regex = Annotated[str, AfterValidator(_check_regex)]
 SecretEnv = Annotated[str, AfterValidator(_check_env_secret)]
 SecretFile = Annotated[str, BeforeValidator(_absolute_path), AfterValidator(_check_file_secret)]
+ValueEnv = Annotated[str, AfterValidator(_check_env_value)]  # a username: not a secret
+ValueFile = Annotated[str, BeforeValidator(_absolute_path), AfterValidator(_check_file_value)]
 ReadableFile = Annotated[str, BeforeValidator(_absolute_path), AfterValidator(_check_readable)]
 
 
@@ -422,6 +448,150 @@ class _Model(BaseModel):
 
 # --- models --------------------------------------------------------------------------------------
 
+
+class TlsConfig(_Model):
+    """TLS settings: whom to trust, the client certificate, or (for tests) no verification.
+
+    A cluster's ``tls:`` (its https nodes, for writes and probes alike: ``router.tls``) and
+    ``kafka.tls`` (the brokers, through librdkafka). Every file is read and checked at load:
+    a CA bundle that holds no certificate, a key that does not match its certificate, or a key
+    password that does not decrypt the key is an error at its key path.
+    """
+
+    _inline_secrets: ClassVar[Mapping[str, str]] = {
+        "key_password": "use key_password_env or key_password_file",
+    }
+
+    ca_file: ReadableFile | None = None
+    cert_file: ReadableFile | None = None
+    key_file: ReadableFile | None = None
+    key_password_env: SecretEnv | None = None
+    key_password_file: SecretFile | None = None
+    insecure_skip_verify: bool = False
+
+    def key_password(self) -> str | None:
+        """The client key's password, read now; None if none is given. Raises ConfigError."""
+        return _secret(
+            "tls.key_password_env",
+            self.key_password_env,
+            "tls.key_password_file",
+            self.key_password_file,
+        )
+
+    def settings(self) -> TlsSettings:
+        """What ``router.tls`` builds an SSL context from (the password read when built)."""
+        return TlsSettings(
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            insecure_skip_verify=self.insecure_skip_verify,
+            key_password=self.key_password,
+            key_password_file=self.key_password_file,
+        )
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.insecure_skip_verify and self.ca_file is not None:
+            problems.append(
+                (("ca_file",), "not with insecure_skip_verify: true (nothing is verified)")
+            )
+        if self.key_file is not None and self.cert_file is None:
+            problems.append((("key_file",), "needs cert_file"))
+        password_key = self._password_key()
+        if password_key is not None and self.cert_file is None:
+            problems.append(((password_key,), "needs cert_file and key_file"))
+        problems += _one_of(self, "key_password_env", "key_password_file")
+        if problems:
+            return problems
+        try:
+            ssl_context(self.settings())
+        except TlsError as exc:
+            key = password_key if exc.key == "key_password" else exc.key
+            return [((key or exc.key,), str(exc))]
+        except ConfigError as exc:  # the password's variable or file went away meanwhile
+            return [((password_key or "key_password_file",), "; ".join(exc.errors))]
+        return []
+
+    def _password_key(self) -> str | None:
+        if self.key_password_env is not None:
+            return "key_password_env"
+        if self.key_password_file is not None:
+            return "key_password_file"
+        return None
+
+
+def _check_endpoint(value: str) -> str:
+    """An OAuth token endpoint: http(s)://host[:port]/path; no credentials (not echoed)."""
+    parts = urlsplit(value.strip())
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in a URL are not allowed; use client_id/client_secret")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s):// URL")
+    return value.strip()
+
+
+class OAuthBearerConfig(_Model):
+    """SASL OAUTHBEARER with OIDC client credentials: librdkafka fetches (and refreshes) a
+    token from ``token_endpoint_url`` with the client id and secret, and sends it to the
+    brokers (``sasl.oauthbearer.method=oidc``)."""
+
+    _inline_secrets: ClassVar[Mapping[str, str]] = {
+        "client_secret": "use client_secret_env or client_secret_file",
+    }
+
+    token_endpoint_url: Annotated[str, AfterValidator(_check_endpoint)]
+    client_id_env: ValueEnv | None = None
+    client_id_file: ValueFile | None = None
+    client_secret_env: SecretEnv | None = None
+    client_secret_file: SecretFile | None = None
+    scope: Annotated[str, AfterValidator(_check_non_empty)] | None = None
+    ca_file: ReadableFile | None = None  # CA of an https token endpoint (https.ca.location)
+
+    def librdkafka_config(self) -> dict[str, str]:
+        """The librdkafka settings, secrets read now. Raises ConfigError."""
+        client_id = _secret(
+            "sasl_oauthbearer.client_id_env",
+            self.client_id_env,
+            "sasl_oauthbearer.client_id_file",
+            self.client_id_file,
+            secret=False,
+        )
+        client_secret = _secret(
+            "sasl_oauthbearer.client_secret_env",
+            self.client_secret_env,
+            "sasl_oauthbearer.client_secret_file",
+            self.client_secret_file,
+        )
+        config = {
+            "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.token.endpoint.url": self.token_endpoint_url,
+            "sasl.oauthbearer.client.id": client_id or "",
+            "sasl.oauthbearer.client.secret": client_secret or "",
+        }
+        if self.scope is not None:
+            config["sasl.oauthbearer.scope"] = self.scope
+        if self.token_endpoint_url.startswith("https:"):
+            # like every other client of the router: no trust from the environment
+            config["https.ca.location"] = self.ca_file or certifi.where()
+        return config
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        for name in ("client_id", "client_secret"):
+            env, file = f"{name}_env", f"{name}_file"
+            if getattr(self, env) is None and getattr(self, file) is None:
+                problems.append(((env,), f"{env} or {file} is required"))
+            problems += _one_of(self, env, file)
+        if self.ca_file is not None and not self.token_endpoint_url.startswith("https:"):
+            problems.append((("ca_file",), "only for an https:// token_endpoint_url"))
+        if self.ca_file is not None:
+            try:
+                ssl_context(TlsSettings(ca_file=self.ca_file))
+            except TlsError as exc:
+                problems.append((("ca_file",), str(exc)))
+        return problems
+
+
 # librdkafka keys the router sets itself, or that have a first-class field here.
 _OWNED_KAFKA_KEYS = {
     "bootstrap.servers": "use kafka.bootstrap",
@@ -434,11 +604,26 @@ _OWNED_KAFKA_KEYS = {
     "sasl.mechanism": "use kafka.sasl_mechanism",
     "sasl.mechanisms": "use kafka.sasl_mechanism",
     "sasl.username": "use kafka.sasl_username_env",
-    "ssl.ca.location": "use kafka.ssl_ca_file",
+    "ssl.ca.location": "use kafka.tls.ca_file",
+    "ssl.certificate.location": "use kafka.tls.cert_file",
+    "ssl.key.location": "use kafka.tls.key_file",
+    "enable.ssl.certificate.verification": "use kafka.tls.insecure_skip_verify",
+    "sasl.oauthbearer.method": "use kafka.sasl_oauthbearer",
+    "sasl.oauthbearer.client.id": "use kafka.sasl_oauthbearer.client_id_env/_file",
+    "sasl.oauthbearer.token.endpoint.url": "use kafka.sasl_oauthbearer.token_endpoint_url",
+    "sasl.oauthbearer.scope": "use kafka.sasl_oauthbearer.scope",
+    "https.ca.location": "use kafka.sasl_oauthbearer.ca_file",
 }
-_SECRET_KAFKA_KEYS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config")
+_SECRET_KAFKA_KEYS = (
+    "password",
+    "secret",
+    "ssl.key.pem",
+    "sasl.oauthbearer.config",
+    "ssl_engine_callback_data",
+)
 _SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 _SSL_PROTOCOLS = ("SSL", "SASL_SSL")
+_USER_PASSWORD_KEYS = ("sasl_username_env", "sasl_password_env", "sasl_password_file")
 
 
 class KafkaConfig(_Model):
@@ -452,11 +637,13 @@ class KafkaConfig(_Model):
     group_prefix: Annotated[str, Field(pattern=GROUP_PREFIX_PATTERN.pattern)] = "frouter"
     dead_letter_topic: Annotated[str, AfterValidator(_check_topic_name)] | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username_env: SecretEnv | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username_env: ValueEnv | None = None
     sasl_password_env: SecretEnv | None = None
     sasl_password_file: SecretFile | None = None
-    ssl_ca_file: ReadableFile | None = None
+    sasl_oauthbearer: OAuthBearerConfig | None = None  # with sasl_mechanism OAUTHBEARER
+    tls: TlsConfig | None = None  # with SSL / SASL_SSL
+    ssl_ca_file: ReadableFile | None = None  # the older name of tls.ca_file (still read)
     client_config: Annotated[dict[str, str], BeforeValidator(_string_values)] = {}
 
     @property
@@ -473,7 +660,7 @@ class KafkaConfig(_Model):
         config = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
         if self.sasl_mechanism is not None:
             config["sasl.mechanism"] = self.sasl_mechanism
-        username = _secret("sasl_username_env", self.sasl_username_env, "", None)
+        username = _secret("sasl_username_env", self.sasl_username_env, "", None, secret=False)
         password = _secret(
             "sasl_password_env",
             self.sasl_password_env,
@@ -484,35 +671,79 @@ class KafkaConfig(_Model):
             config["sasl.username"] = username
         if password is not None:
             config["sasl.password"] = password
-        if self.ssl_ca_file is not None:
-            config["ssl.ca.location"] = self.ssl_ca_file
+        if self.sasl_oauthbearer is not None:
+            config |= self.sasl_oauthbearer.librdkafka_config()
+        if self.security_protocol in _SSL_PROTOCOLS:
+            config |= self._tls_config()
         return config | self.client_config
+
+    def _tls_config(self) -> dict[str, str]:
+        """``ssl.*`` settings; without a CA file the public CAs of certifi (as for InfluxDB),
+        so that no environment variable (``SSL_CERT_FILE``) changes whom librdkafka trusts."""
+        tls = self.tls or TlsConfig()
+        config: dict[str, str] = {}
+        if tls.insecure_skip_verify:
+            config["enable.ssl.certificate.verification"] = "false"
+            config["ssl.endpoint.identification.algorithm"] = "none"
+        else:
+            config["ssl.ca.location"] = tls.ca_file or self.ssl_ca_file or certifi.where()
+        if tls.cert_file is not None:
+            config["ssl.certificate.location"] = tls.cert_file
+        if tls.key_file is not None:
+            config["ssl.key.location"] = tls.key_file
+        password = tls.key_password()
+        if password is not None:
+            config["ssl.key.password"] = password
+        return config
+
+    def tls_files(self) -> tuple[str, ...]:
+        """The files librdkafka reads when a client is built (CA, certificate, key, the key's
+        password, the token endpoint's CA): a change of one rebuilds the Kafka clients."""
+        files: list[str | None] = []
+        if self.security_protocol in _SSL_PROTOCOLS:
+            tls = self.tls or TlsConfig()
+            files += [tls.ca_file or self.ssl_ca_file, tls.cert_file, tls.key_file]
+            files.append(tls.key_password_file)
+        if self.sasl_oauthbearer is not None:
+            files.append(self.sasl_oauthbearer.ca_file)
+        return tuple(f for f in files if f)
+
+    @property
+    def sasl_description(self) -> str:
+        """How the router authenticates, for messages: "SASL SCRAM-SHA-512", "TLS"..."""
+        if self.security_protocol in _SASL_PROTOCOLS:
+            return f"SASL {self.sasl_mechanism}"
+        return "TLS" if self.security_protocol == "SSL" else "no authentication"
 
     def _problems(self) -> list[Problem]:
         problems: list[Problem] = []
-        sasl_keys = ("sasl_mechanism", "sasl_username_env", "sasl_password_env")
-        if self.security_protocol in _SASL_PROTOCOLS:
-            problems += [
-                ((key,), f"required when security_protocol is {self.security_protocol}")
-                for key in sasl_keys[:2]
-                if getattr(self, key) is None
-            ]
-            if self.sasl_password_env is None and self.sasl_password_file is None:
-                problems.append(
-                    (
-                        ("sasl_password_env",),
-                        "sasl_password_env or sasl_password_file is required "
-                        f"when security_protocol is {self.security_protocol}",
-                    )
-                )
+        protocol = self.security_protocol
+        if protocol in _SASL_PROTOCOLS:
+            problems += self._sasl_problems()
         else:
             problems += [
                 ((key,), "only with security_protocol SASL_PLAINTEXT or SASL_SSL")
-                for key in (*sasl_keys, "sasl_password_file")
+                for key in ("sasl_mechanism", *_USER_PASSWORD_KEYS, "sasl_oauthbearer")
                 if getattr(self, key) is not None
             ]
-        if self.ssl_ca_file is not None and self.security_protocol not in _SSL_PROTOCOLS:
-            problems.append((("ssl_ca_file",), "only with security_protocol SSL or SASL_SSL"))
+        if protocol not in _SSL_PROTOCOLS:
+            problems += [
+                ((key,), "only with security_protocol SSL or SASL_SSL")
+                for key in ("tls", "ssl_ca_file")
+                if getattr(self, key) is not None
+            ]
+        if self.tls is not None:
+            if self.ssl_ca_file is not None:
+                problems.append(
+                    (("ssl_ca_file",), "give tls.ca_file only (ssl_ca_file is its older name)")
+                )
+            if self.tls.cert_file is not None and self.tls.key_file is None:
+                problems.append((("tls", "key_file"), "required with cert_file (librdkafka)"))
+        elif self.ssl_ca_file is not None:
+            try:
+                ssl_context(TlsSettings(ca_file=self.ssl_ca_file))
+            except TlsError as exc:
+                problems.append((("ssl_ca_file",), str(exc)))
         for key in self.client_config:
             if key in _OWNED_KAFKA_KEYS:
                 problems.append((("client_config", key), f"not allowed: {_OWNED_KAFKA_KEYS[key]}"))
@@ -521,6 +752,37 @@ class KafkaConfig(_Model):
                     (("client_config", key), "secrets are not allowed in client_config")
                 )
         return problems + _one_of(self, "sasl_password_env", "sasl_password_file")
+
+    def _sasl_problems(self) -> list[Problem]:
+        protocol = self.security_protocol
+        needed = f"required when security_protocol is {protocol}"
+        problems: list[Problem] = []
+        if self.sasl_mechanism is None:
+            problems.append((("sasl_mechanism",), needed))
+            if self.sasl_oauthbearer is not None:
+                return problems
+        elif self.sasl_mechanism == "OAUTHBEARER":
+            problems += [
+                ((key,), "not with sasl_mechanism OAUTHBEARER; use sasl_oauthbearer")
+                for key in _USER_PASSWORD_KEYS
+                if getattr(self, key) is not None
+            ]
+            if self.sasl_oauthbearer is None:
+                problems.append((("sasl_oauthbearer",), "required with sasl_mechanism OAUTHBEARER"))
+            return problems
+        elif self.sasl_oauthbearer is not None:
+            problems.append((("sasl_oauthbearer",), "only with sasl_mechanism OAUTHBEARER"))
+        if self.sasl_username_env is None:
+            problems.append((("sasl_username_env",), needed))
+        if self.sasl_password_env is None and self.sasl_password_file is None:
+            problems.append(
+                (
+                    ("sasl_password_env",),
+                    f"sasl_password_env or sasl_password_file is required when "
+                    f"security_protocol is {protocol}",
+                )
+            )
+        return problems
 
 
 class ClusterConfig(_Model):
@@ -544,7 +806,7 @@ class ClusterConfig(_Model):
     retention_policy: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     org: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     bucket: Annotated[str, AfterValidator(_check_non_empty)] | None = None
-    username_env: SecretEnv | None = None
+    username_env: ValueEnv | None = None
     password_env: SecretEnv | None = None
     password_file: SecretFile | None = None
     token_env: SecretEnv | None = None
@@ -559,13 +821,18 @@ class ClusterConfig(_Model):
     # request bodies: none (same network: less CPU on both sides) or gzip (a WAN link)
     compression: Literal["none", "gzip"] = "none"
     compression_level: int = Field(default=1, ge=1, le=9)
+    tls: TlsConfig | None = None  # https nodes: CA, client certificate (writes and probes)
+
+    def tls_settings(self) -> TlsSettings | None:
+        """What the sink and the probes build their HTTP client from (``router.tls``)."""
+        return self.tls.settings() if self.tls is not None else None
 
     def credentials(self) -> tuple[str, str] | None:
         """(username, password) for v1 basic auth, read now; None if the cluster has none.
 
         Raises ConfigError if the variable or file has gone since load.
         """
-        username = _secret("username_env", self.username_env, "", None)
+        username = _secret("username_env", self.username_env, "", None, secret=False)
         password = _secret("password_env", self.password_env, "password_file", self.password_file)
         if username is None or password is None:
             return None
@@ -599,6 +866,12 @@ class ClusterConfig(_Model):
             for index, url in enumerate(self.urls)
             if url in self.urls[:index]
         ]
+        if (
+            self.tls is not None
+            and self.urls
+            and not any(u.startswith("https:") for u in self.urls)
+        ):
+            problems.append((("tls",), "only for https:// urls (every url here is http://)"))
         v1_keys = ("database", "retention_policy", "username_env", "password_env", "password_file")
         v2_keys = ("org", "bucket", "token_env", "token_file")
         required, foreign = (v1_keys[:1], v2_keys) if self.api == "v1" else (v2_keys[:2], v1_keys)
@@ -1029,8 +1302,8 @@ def check_topology_main(path: str, datacenter: str | None) -> int:
     try:
         topology = load_topology(path, datacenter)
     except ConfigError as exc:
-        for error in exc.errors:
-            print(f"{path}: {error}", file=sys.stderr)
+        for error in exc.errors:  # no error holds a secret; scrubbed all the same
+            print(scrub(f"{path}: {error}"), file=sys.stderr)
         return 1
     print(
         f"ok: {len(topology.clusters)} clusters, {len(topology.routes)} routes, "

@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 import structlog
 
 from router.batch import Batch
-from router.errors import SinkError, SinkMisconfigured, SinkTimeout, SourceError
+from router.errors import SinkError, SinkMisconfigured, SinkTimeout, SinkTlsError, SourceError
 from router.kafka import DeadLetter
 from router.sink import Rejected
 
@@ -46,7 +46,7 @@ class DeadLetters(Protocol):
     def send(self, letters: list[DeadLetter], timeout: float = ...) -> int: ...
 
 
-FailureKind = Literal["unavailable", "timeout", "misconfigured", "dead_letter", "internal"]
+FailureKind = Literal["unavailable", "timeout", "tls", "misconfigured", "dead_letter", "internal"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,8 @@ class WritePool:
                 return Outcome(batch, "misconfigured", str(exc))
             except SinkTimeout as exc:
                 return Outcome(batch, "timeout", str(exc))
+            except SinkTlsError as exc:
+                return Outcome(batch, "tls", str(exc))
             except SinkError as exc:
                 return Outcome(batch, "unavailable", str(exc))
             batch.letters = batch.dead + [
