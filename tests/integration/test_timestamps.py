@@ -101,7 +101,11 @@ def test_a_bisected_batch_stores_each_timestampless_line_once_and_a_failover_kee
     at their messages' timestamps; answers lost to latency, a failover and the primary's
     replay: still one point per line in the primary, the standby holds its window once."""
     sc = world.sc
-    router = world.start(sc.topology(batch=ONE_BATCH))
+    doc = sc.topology(batch=ONE_BATCH)
+    # influx-a goes DOWN 4 s after its last good answer, well after the batch (linger 1 s)
+    # reached it through the latency below, so the write surely lands before the failover
+    doc["health"].update({"fall": 20, "down_after": "4s"})
+    router = world.start(doc)
 
     times = produce(sc, line_messages(sc, 0, conflict_at=550), now_ms())
     sc.wait_count("a", 999)
