@@ -130,10 +130,8 @@ def run(args: argparse.Namespace) -> int:
         log.error(
             "kafka_refused",
             bootstrap=topology.kafka.bootstrap,
-            mechanism=exc.mechanism or "TLS",
-            code=exc.code,
-            error=str(exc),
             reason="the brokers refused the router at start",
+            **exc.fields(),
         )
         print(f"failover-router: {exc}", file=sys.stderr)
         return EXIT_KAFKA_REFUSED

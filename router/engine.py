@@ -378,10 +378,8 @@ class Router:
                 log.error(
                     "kafka_refused",
                     bootstrap=new.kafka.bootstrap,
-                    mechanism=exc.mechanism or "TLS",
-                    code=exc.code,
-                    error=str(exc),
                     reason="new kafka settings refused by the brokers; the previous ones stay",
+                    **exc.fields(),
                 )
             raise
 

@@ -69,6 +69,10 @@ class KafkaRefused(SourceError):
         self.code = code
         super().__init__(message)
 
+    def fields(self) -> dict[str, str]:
+        """What the ``kafka_refused`` event says of it (with ``bootstrap`` and ``reason``)."""
+        return {"mechanism": self.mechanism or "TLS", "code": self.code, "error": str(self)}
+
 
 class ConsulError(RouterError):
     """A Consul call failed: the agent is unreachable, timed out, or refused (ACL)."""
