@@ -1,4 +1,5 @@
-"""Wrong credentials and a wrong CA on the secured stack: each is named, none loses a point.
+"""The secured stack end to end: exact in steady state and through a cut with two replicas; wrong
+credentials and a wrong CA each named, none loses a point.
 
 Kafka over SASL_SSL (SCRAM-SHA-512, the private CA, a client certificate with an encrypted key),
 influx-s (https + auth through its proxy) as primary and influx-b as standby; the users and
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from devstack.toxiproxy import Toxiproxy
 from router.kafka import KafkaAdmin
+from router.offsets import TopicPart
 from tests.integration import test_secret_leak
-from tests.integration.harness import RouterProc, free_port, write_yaml
+from tests.integration.harness import RouterProc, free_port, wait_paused, write_yaml
 from tests.integration.test_secret_leak import ROUTE, Secrets, _lines, _topology
-from tests.integration.test_secure_stack import as_admin, produce
+from tests.integration.test_secure_stack import as_admin, influx_count_s, produce
 from tests.support import influx_count, wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,6 +38,83 @@ def users(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Se
 
 def _standby_count(s: Secrets) -> int:
     return influx_count(s.env["INFLUX_B_URL"], s.env["INFLUX_DATABASE"], s.measurement)
+
+
+def _offsets(s: Secrets, cluster: str) -> tuple[dict[TopicPart, int], dict[TopicPart, int]]:
+    """(what the cluster's group committed, the end offsets) of the test's topic."""
+    admin = KafkaAdmin(as_admin(s.env))
+    try:
+        tps = admin.partitions([s.topic])
+        committed = admin.committed(f"{s.group_prefix}.{ROUTE}.{cluster}", tps)
+        return committed, {tp: wm.high for tp, wm in admin.watermarks(tps).items()}
+    finally:
+        admin.close()
+
+
+def _committed_to_end(s: Secrets, cluster: str) -> bool:
+    committed, end = _offsets(s, cluster)
+    return committed == end and sum(end.values()) > 0
+
+
+def test_sasl_ssl_to_https_influxdb_is_exact_and_a_cut_loses_nothing_with_two_replicas(
+    users: Secrets, toxiproxy: Toxiproxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas read the SASL_SSL listener (SCRAM-SHA-512, client certificate with an
+    encrypted key) and write to influx-s (https + auth) through the private CA, while the
+    environment's SSL_CERT_FILE names an unrelated CA: probes and writes both use the
+    topology's CA. Steady state: N in, N stored, committed == end. influx-s cut: both replicas
+    pause it and fail over to influx-b; restored: it replays the window, holds every point, and
+    its group commits to the end again."""
+    s = users
+    monkeypatch.setenv("SSL_CERT_FILE", s.env["TLS_OTHER_CA_FILE"])
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", s.env["TLS_OTHER_CA_FILE"])
+    routers = [
+        RouterProc(write_yaml(tmp_path / f"{n}.yaml", _topology(s, free_port())), tmp_path, n)
+        for n in ("r1", "r2")
+    ]
+    for r in routers:
+        r.start()
+    try:
+        wait_until(
+            lambda: all(r.destination(ROUTE, "s")["assigned"] == 1 for r in routers),
+            timeout=60,
+            what="one partition of influx-s on each replica",
+        )
+        for r in routers:
+            cluster = r.status()["clusters"]["influx-s"]
+            assert (cluster["state"], cluster["healthy_nodes"]) == ("up", 1), cluster
+
+        assert produce(as_admin(s.env), s.topic, _lines(s, 0, 1000)) == [None] * 1000
+        wait_until(lambda: influx_count_s(s.env, s.measurement) == 1000, timeout=60, what="1000")
+        wait_until(lambda: _committed_to_end(s, "influx-s"), timeout=30, what="s committed")
+        committed, end = _offsets(s, "influx-s")
+        assert sum(end.values()) == 1000 and committed == end
+        assert _standby_count(s) == 0
+        assert not any(r.events("failover") for r in routers)
+
+        toxiproxy.set_enabled(s.env["INFLUX_S_PROXY_NAME"], False)
+        for r in routers:
+            wait_paused(r, ROUTE, "s")
+        assert produce(as_admin(s.env), s.topic, _lines(s, 1000, 1000)) == [None] * 1000
+        wait_until(lambda: _committed_to_end(s, "influx-b"), timeout=60, what="b committed")
+        assert _standby_count(s) >= 1000
+        for r in routers:
+            (failover,) = r.events("failover")
+            assert (failover["from_cluster"], failover["to_cluster"]) == ("influx-s", "influx-b")
+
+        toxiproxy.set_enabled(s.env["INFLUX_S_PROXY_NAME"], True)
+        wait_until(lambda: influx_count_s(s.env, s.measurement) == 2000, timeout=90, what="2000")
+        wait_until(lambda: _committed_to_end(s, "influx-s"), timeout=30, what="s committed again")
+        wait_until(
+            lambda: all(r.events("handback") for r in routers), timeout=60, what="handed back"
+        )
+        for r in routers:
+            cluster = r.status()["clusters"]["influx-s"]
+            assert (cluster["state"], cluster["healthy_nodes"]) == ("up", 1), cluster
+            assert r.events("tls_error") == []
+    finally:
+        codes = [r.stop() for r in routers]
+    assert codes == [0, 0]
 
 
 def test_a_wrong_kafka_password_stops_the_start_with_exit_2_naming_the_mechanism(
