@@ -245,3 +245,90 @@ def test_refused_consul_means_local_verdicts_and_no_loss(
     assert aworld.kv(f"{aworld.base}/clusters/influx-a") is None  # nothing published
     assert router.stop() == 0
     assert not [e for e in router.events() if e.get("level") in ("critical", "exception")]
+
+
+def test_two_replicas_share_one_verdict_and_pass_the_lock_on_under_acls(
+    aworld: AclWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas of one datacenter with the router's least-privilege token over https: one
+    holds the lock and publishes, the other follows its verdict; both register; a cut primary
+    is DOWN for both (published once), both fail over and back with nothing lost; when the
+    leader stops, the other takes the lock and keeps routing."""
+    env = aworld.env
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
+    sc = aworld.sc
+    token = env["CONSUL_ACL_ROUTER_TOKEN_FILE"]
+    routers = []
+    for name in ("r1", "r2"):
+        doc = sc.topology()
+        doc["datacenter"] = aworld.dc
+        routers.append(aworld.start_acl_router(doc, token, name=name))
+
+    def verdicts() -> list[dict[str, Any]]:
+        return [r.status()["verdict"] for r in routers if r.proc and r.proc.poll() is None]
+
+    def one_leader_shared() -> bool:
+        vs = verdicts()
+        leaders = {v["replica"] for v in vs if v["is_leader"]}
+        return (
+            len(leaders) == 1
+            and all(v["source"] == "shared" and v["leader"] in leaders for v in vs)
+            and all(r.destination(ROUTE, "a")["assigned"] > 0 for r in routers)
+        )
+
+    wait_until(one_leader_shared, timeout=60, what="one leader, both on the shared verdict")
+    wait_until(lambda: len(aworld.passing_routers()) == 2, timeout=30, what="both registered")
+    leader = next(r for r in routers if r.status()["verdict"]["is_leader"])
+    follower = next(r for r in routers if r is not leader)
+    leader_id = leader.status()["verdict"]["replica"]
+
+    sc.produce(0, 600)
+    sc.wait_count("a", 600)
+    sc.wait_committed_to_end(ROUTE, "a")
+
+    aworld.toxiproxy.set_enabled(env["INFLUX_A_PROXY_NAME"], False)
+    for r in routers:
+        wait_paused(r, ROUTE, "a")
+
+    def published_down() -> bool:
+        v = aworld.kv(f"{aworld.base}/clusters/influx-a") or {}
+        return bool(v.get("state") == "down" and v.get("leader") == leader_id)
+
+    wait_until(published_down, timeout=15, what="influx-a published DOWN by the leader")
+    wait_until(
+        lambda: follower.status()["clusters"]["influx-a"]["state"] == "down",
+        timeout=15,
+        what="the follower sees influx-a DOWN",
+    )
+    assert all(r.events("failover") for r in routers)
+    sc.produce(600, 600)
+    wait_until(
+        lambda: sc.values("b") >= aworld.from_offsets(sc.committed(ROUTE, "a"), 1200),
+        timeout=60,
+        what="the standby took over on both replicas",
+    )
+    aworld.toxiproxy.set_enabled(env["INFLUX_A_PROXY_NAME"], True)
+    sc.wait_count("a", 1200, timeout=90)
+    sc.wait_committed_to_end(ROUTE, "a")
+    for r in routers:
+        wait_paused(r, ROUTE, "b")
+    assert sc.values("a") == set(range(1200))
+
+    assert leader.stop() == 0
+    wait_until(
+        lambda: follower.status()["verdict"]["is_leader"], timeout=60, what="the lock passed on"
+    )
+    wait_until(lambda: len(aworld.passing_routers()) == 1, timeout=30, what="leader deregistered")
+    wait_until(
+        lambda: (
+            (aworld.kv(f"{aworld.base}/clusters/influx-a") or {}).get("leader")
+            == follower.status()["verdict"]["replica"]
+        ),
+        timeout=30,
+        what="the new leader publishes",
+    )
+    sc.produce(1200, 300)
+    sc.wait_count("a", 1500, timeout=60)
+    sc.wait_committed_to_end(ROUTE, "a")
+    assert all(r.events("consul_permission_denied") == [] for r in routers)
+    assert follower.stop() == 0
