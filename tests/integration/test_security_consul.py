@@ -126,6 +126,22 @@ def _healthz(router: RouterProc) -> httpx.Response:
     return httpx.get(f"{router.url}/healthz", timeout=5)
 
 
+def _standby_then_restore(aworld: AclWorld, held: int, *, what: str) -> None:
+    """With influx-a cut and messages 0..held-1 in it: ``held`` more messages reach the
+    standby from influx-a's committed offsets on; influx-a restored then holds all of them."""
+    sc, total = aworld.sc, 2 * held
+    sc.produce(held, held)
+    wait_until(
+        lambda: sc.values("b") >= aworld.from_offsets(sc.committed(ROUTE, "a"), total),
+        timeout=60,
+        what=what,
+    )
+    aworld.toxiproxy.set_enabled(aworld.env["INFLUX_A_PROXY_NAME"], True)
+    sc.wait_count("a", total, timeout=90)
+    sc.wait_committed_to_end(ROUTE, "a")
+    assert sc.values("a") == set(range(total))  # nothing lost
+
+
 @pytest.mark.parametrize("environment", ["clean", "denied-CONSUL_HTTP_TOKEN"])
 def test_router_token_over_https_runs_every_consul_feature(
     aworld: AclWorld, monkeypatch: pytest.MonkeyPatch, environment: str
@@ -228,16 +244,7 @@ def test_refused_consul_means_local_verdicts_and_no_loss(
     aworld.toxiproxy.set_enabled(env["INFLUX_A_PROXY_NAME"], False)
     wait_paused(router, ROUTE, "a")
     assert router.events("failover")
-    sc.produce(300, 300)
-    wait_until(
-        lambda: sc.values("b") >= aworld.from_offsets(sc.committed(ROUTE, "a"), 600),
-        timeout=60,
-        what="the standby took over on the local verdict",
-    )
-    aworld.toxiproxy.set_enabled(env["INFLUX_A_PROXY_NAME"], True)
-    sc.wait_count("a", 600, timeout=60)
-    sc.wait_committed_to_end(ROUTE, "a")
-    assert sc.values("a") == set(range(600))  # nothing lost
+    _standby_then_restore(aworld, 300, what="the standby took over on the local verdict")
 
     assert router.proc is not None and router.proc.poll() is None
     assert router.status()["verdict"]["source"] == "local"
@@ -301,18 +308,9 @@ def test_two_replicas_share_one_verdict_and_pass_the_lock_on_under_acls(
         what="the follower sees influx-a DOWN",
     )
     assert all(r.events("failover") for r in routers)
-    sc.produce(600, 600)
-    wait_until(
-        lambda: sc.values("b") >= aworld.from_offsets(sc.committed(ROUTE, "a"), 1200),
-        timeout=60,
-        what="the standby took over on both replicas",
-    )
-    aworld.toxiproxy.set_enabled(env["INFLUX_A_PROXY_NAME"], True)
-    sc.wait_count("a", 1200, timeout=90)
-    sc.wait_committed_to_end(ROUTE, "a")
+    _standby_then_restore(aworld, 600, what="the standby took over on both replicas")
     for r in routers:
         wait_paused(r, ROUTE, "b")
-    assert sc.values("a") == set(range(1200))
 
     assert leader.stop() == 0
     wait_until(
