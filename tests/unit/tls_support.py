@@ -1,6 +1,7 @@
-"""Certificates made by the openssl command line in a temporary folder, and small HTTPS servers
-on 127.0.0.1 that answer like InfluxDB (``/ping``, ``/health``, ``/write``) or capture what a
-client sent (Consul's ``X-Consul-Token``). Real TLS, in process: no mock of ``ssl``."""
+"""Certificates made as the secured devstack makes them (in a temporary folder), and small
+HTTPS servers on 127.0.0.1 that answer like InfluxDB (``/ping``, ``/health``, ``/write``) or
+capture what a client sent (Consul's ``X-Consul-Token``). Real TLS, in process: no mock of
+``ssl``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from devstack.pki import Material, ensure
+
 KEY_PASSWORD = "key-pass-4711"
 
 
@@ -25,35 +28,14 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Pki:
-    """One CA, a server certificate for 127.0.0.1/localhost, a client certificate with a
-    plain and an encrypted key, and a second CA that signed nothing of these."""
-
-    folder: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.folder / "ca.pem"
-
-    @property
-    def other_ca(self) -> Path:
-        return self.folder / "other-ca.pem"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.folder / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.folder / "server.key"
-
-    @property
-    def client_cert(self) -> Path:
-        return self.folder / "client.pem"
+class Pki(Material):
+    """The secured devstack's material (``devstack.pki.ensure``: a CA, a server certificate for
+    127.0.0.1/localhost, a client certificate, a second CA that signed none of these), with
+    the client key both plain (``client_key``) and encrypted with ``KEY_PASSWORD``."""
 
     @property
     def client_key(self) -> Path:
-        return self.folder / "client.key"
+        return self.folder / "client-plain.key"
 
     @property
     def client_key_encrypted(self) -> Path:
@@ -61,30 +43,16 @@ class Pki:
 
 
 def make_pki(folder: Path) -> Pki:
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        _openssl(*args, cwd=folder)
-
-    for name, subject in (("ca", "/CN=frouter test CA"), ("other-ca", "/CN=someone else")):
-        run(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", subject,
-        )  # fmt: skip
-    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=router")):
-        run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", subject,
-        )  # fmt: skip
-        run(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
-        )  # fmt: skip
-    run(
-        "pkey", "-in", "client.key", "-aes256", "-passout", f"pass:{KEY_PASSWORD}",
+    ensure(folder)
+    _openssl(
+        "pkey", "-in", "client.key", "-passin", "file:client-key.password",
+        "-out", "client-plain.key",
+        cwd=folder,
+    )  # fmt: skip
+    _openssl(
+        "pkey", "-in", "client-plain.key", "-aes256", "-passout", f"pass:{KEY_PASSWORD}",
         "-out", "client-enc.key",
+        cwd=folder,
     )  # fmt: skip
     return Pki(folder)
 
