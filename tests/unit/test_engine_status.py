@@ -135,13 +135,16 @@ def test_routes_show_in_topology_order_with_the_rebuild_view_first() -> None:
 
 
 class Observed:
+    """What the HTTP server asks of the router, set by the test."""
+
     def __init__(self) -> None:
         self.metrics = Metrics()
         self.problem = ""
         self.warnings: list[str] = []
+        self.why = ""  # why it is not ready
 
     def readiness(self) -> str:
-        return ""
+        return self.why
 
     def health(self) -> tuple[str, list[str]]:
         return self.problem, self.warnings

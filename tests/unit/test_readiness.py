@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 
 from router.destination import DestinationStatus
-from router.http import StatusServer
 from router.membership import Ownership
-from router.metrics import Metrics
 from router.status import DestinationView, route_unready
+from tests.unit import test_engine_status
+from tests.unit.test_engine_status import Observed
 
 T0, T1 = ("t", 0), ("t", 1)
 GRACE = 10.0
@@ -91,33 +89,13 @@ def test_a_leaving_destination_does_not_count() -> None:
     assert route_unready("g.r", owns(T0), views, GRACE) == ""
 
 
-class Observed:
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.why = "route r: waiting for its partition assignment in group g.r"
-
-    def readiness(self) -> str:
-        return self.why
-
-    def health(self) -> tuple[str, list[str]]:
-        return "", []
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-
-@pytest.fixture
-def served() -> Iterator[tuple[Observed, str]]:
-    router = Observed()
-    server = StatusServer("127.0.0.1:0", router)
-    server.start()
-    yield router, f"http://127.0.0.1:{server.port}"
-    server.stop()
+served = test_engine_status.served  # an HTTP server in front of a router the test sets
 
 
 def test_readyz_says_why_it_is_not_ready(served: tuple[Observed, str]) -> None:
     """/readyz is 503 with the reason until the router is ready, then 200 ``ready``."""
     router, url = served
+    router.why = "route r: waiting for its partition assignment in group g.r"
 
     resp = httpx.get(f"{url}/readyz")
     assert (resp.status_code, resp.text) == (
