@@ -144,7 +144,9 @@ def test_backfill_refills_a_wiped_cluster_and_resumes_after_ctrl_c(
     lines = seen + progress_lines(out)
     assert lines[0]["total"] == POINTS and not lines[0]["resumed"]
     assert lines[-1]["state"] == "interrupted"
-    half = sum(refill.backfill_group().values())
+    # a partition whose batches were all still in flight at the interrupt has no commit yet
+    # (NO_OFFSET, -1001): it resumes from the start of the range, i.e. offset 0 here
+    half = sum(max(offset, 0) for offset in refill.backfill_group().values())
     assert POINTS // 2 <= half < POINTS
     assert lines[-1]["done"] == half
     assert refill.sc.committed(ROUTE, "a") == live  # the live group never moves
