@@ -146,13 +146,18 @@ ABSENT: dict[str, Any] = {"active": False, "state": "absent", "assigned": 0, "pa
 
 
 def dest(router: RouterProc, cluster: str) -> dict[str, Any]:
-    """The destination's status entry, ``ABSENT`` while its route is being rebuilt."""
+    """The destination's status entry; ``ABSENT`` while its route is being rebuilt (some
+    destination of the route leaving, or none listed); anything else missing fails."""
     for r in router.status()["routes"]:
-        if r["name"] == ROUTE:
-            for d in r["destinations"]:
-                if d["cluster"] == f"influx-{cluster}" and not d.get("leaving"):
-                    return dict(d)
-    return ABSENT
+        if r["name"] != ROUTE:
+            continue
+        entries = r["destinations"]
+        for d in entries:
+            if d["cluster"] == f"influx-{cluster}" and not d.get("leaving"):
+                return dict(d)
+        if not entries or any(d.get("leaving") for d in entries):
+            return ABSENT
+    raise AssertionError(f"no destination {ROUTE}/influx-{cluster} on {router.log_path.stem}")
 
 
 def live(d: dict[str, Any]) -> int:

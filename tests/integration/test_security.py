@@ -68,21 +68,16 @@ def test_sasl_ssl_to_https_influxdb_is_exact_and_a_cut_loses_nothing_with_two_re
     s = users
     monkeypatch.setenv("SSL_CERT_FILE", s.env["TLS_OTHER_CA_FILE"])
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", s.env["TLS_OTHER_CA_FILE"])
-    routers = [
-        RouterProc(write_yaml(tmp_path / f"{n}.yaml", _topology(s, free_port())), tmp_path, n)
-        for n in ("r1", "r2")
-    ]
-    for r in routers:
-        r.start()
+    routers: list[RouterProc] = []
     try:
+        for n in ("r1", "r2"):
+            path = write_yaml(tmp_path / f"{n}.yaml", _topology(s, free_port()))
+            routers.append(RouterProc(path, tmp_path, n).start())
         wait_until(
             lambda: all(r.destination(ROUTE, "s")["assigned"] == 1 for r in routers),
             timeout=60,
             what="one partition of influx-s on each replica",
         )
-        for r in routers:
-            cluster = r.status()["clusters"]["influx-s"]
-            assert (cluster["state"], cluster["healthy_nodes"]) == ("up", 1), cluster
 
         assert produce(as_admin(s.env), s.topic, _lines(s, 0, 1000)) == [None] * 1000
         wait_until(lambda: influx_count_s(s.env, s.measurement) == 1000, timeout=60, what="1000")
@@ -91,16 +86,21 @@ def test_sasl_ssl_to_https_influxdb_is_exact_and_a_cut_loses_nothing_with_two_re
         assert sum(end.values()) == 1000 and committed == end
         assert _standby_count(s) == 0
         assert not any(r.events("failover") for r in routers)
+        for r in routers:  # probed for seconds by now: UP means the probes passed the CA check
+            cluster = r.status()["clusters"]["influx-s"]
+            assert (cluster["state"], cluster["healthy_nodes"]) == ("up", 1), cluster
 
         toxiproxy.set_enabled(s.env["INFLUX_S_PROXY_NAME"], False)
         for r in routers:
             wait_paused(r, ROUTE, "s")
         assert produce(as_admin(s.env), s.topic, _lines(s, 1000, 1000)) == [None] * 1000
         wait_until(lambda: _committed_to_end(s, "influx-b"), timeout=60, what="b committed")
-        assert _standby_count(s) >= 1000
+        assert _standby_count(s) == 1000  # the window from influx-s's commits on, exactly
         for r in routers:
-            (failover,) = r.events("failover")
-            assert (failover["from_cluster"], failover["to_cluster"]) == ("influx-s", "influx-b")
+            failovers = r.events("failover")
+            assert failovers and all(
+                (f["from_cluster"], f["to_cluster"]) == ("influx-s", "influx-b") for f in failovers
+            ), failovers
 
         toxiproxy.set_enabled(s.env["INFLUX_S_PROXY_NAME"], True)
         wait_until(lambda: influx_count_s(s.env, s.measurement) == 2000, timeout=90, what="2000")
@@ -113,8 +113,19 @@ def test_sasl_ssl_to_https_influxdb_is_exact_and_a_cut_loses_nothing_with_two_re
             assert (cluster["state"], cluster["healthy_nodes"]) == ("up", 1), cluster
             assert r.events("tls_error") == []
     finally:
-        codes = [r.stop() for r in routers]
+        codes = _stop_all(routers)
     assert codes == [0, 0]
+
+
+def _stop_all(routers: list[RouterProc]) -> list[int | str]:
+    """Stop every router, even when one of them does not stop: its exit code, or why not."""
+    codes: list[int | str] = []
+    for r in routers:
+        try:
+            codes.append(r.stop())
+        except AssertionError as exc:
+            codes.append(str(exc)[:200])
+    return codes
 
 
 def test_a_wrong_kafka_password_stops_the_start_with_exit_2_naming_the_mechanism(

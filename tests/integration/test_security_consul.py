@@ -258,9 +258,11 @@ def test_two_replicas_share_one_verdict_and_pass_the_lock_on_under_acls(
     aworld: AclWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two replicas of one datacenter with the router's least-privilege token over https: one
-    holds the lock and publishes, the other follows its verdict; both register; a cut primary
-    is DOWN for both (published once), both fail over and back with nothing lost; when the
-    leader stops, the other takes the lock and keeps routing."""
+    holds the lock and publishes, the other's verdict source is ``shared`` and names that
+    leader; both register; the primary cut (for both: one proxy) is published DOWN by the
+    leader and DOWN for the follower, both fail over and back with nothing lost; when the
+    leader stops, the other takes the lock, publishes and keeps routing. (A fault only one
+    replica sees: test_multireplica, over the plain Consul agent.)"""
     env = aworld.env
     monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
     sc = aworld.sc

@@ -31,7 +31,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 class Pki(Material):
     """The secured devstack's material (``devstack.pki.ensure``: a CA, a server certificate for
     127.0.0.1/localhost, a client certificate, a second CA that signed none of these), with
-    the client key both plain (``client_key``) and encrypted with ``KEY_PASSWORD``."""
+    the client key both plain (``client_key``: unlike ``Material.client_key``, which is
+    encrypted with ``client_key_password``) and encrypted with ``KEY_PASSWORD``
+    (``client_key_encrypted``)."""
 
     @property
     def client_key(self) -> Path:
