@@ -337,14 +337,19 @@ def _kafka_properties() -> str:
     )
 
 
-def _kafka_stale() -> bool:
-    """The running broker was started with other settings than ``_kafka_properties()`` (an
-    older stack dir, say with auto-create on): ``up`` restarts it rather than keep them."""
-    props = stack_dir() / "kafka" / "server.properties"
+def _differs(path: Path, wanted: str) -> bool:
+    """The config file a server was started with is not ``wanted`` (or is missing): ``up``
+    restarts the server rather than keep settings of an older stack dir."""
     try:
-        return props.read_text() != _kafka_properties()
+        return path.read_text() != wanted
     except OSError:
         return True
+
+
+def _kafka_stale() -> bool:
+    """The running broker was started with other settings than ``_kafka_properties()`` (an
+    older stack dir, say with auto-create on)."""
+    return _differs(stack_dir() / "kafka" / "server.properties", _kafka_properties())
 
 
 def _kafka_prepare() -> None:
@@ -550,10 +555,7 @@ def _influx_s_prepare() -> None:
 
 
 def _influx_s_stale() -> bool:
-    try:
-        return (stack_dir() / "influx-s" / "influxdb.conf").read_text() != _influx_s_config()
-    except OSError:
-        return True
+    return _differs(stack_dir() / "influx-s" / "influxdb.conf", _influx_s_config())
 
 
 def _influx_s_service() -> Service:
@@ -730,10 +732,7 @@ def _consul_acl_prepare() -> None:
 
 
 def _consul_acl_stale() -> bool:
-    try:
-        return (stack_dir() / "consul-acl" / "acl.hcl").read_text() != _consul_acl_config()
-    except OSError:
-        return True
+    return _differs(stack_dir() / "consul-acl" / "acl.hcl", _consul_acl_config())
 
 
 def _consul_acl_ready() -> bool:

@@ -294,15 +294,7 @@ def test_influx_s_https_write_and_query_as_router(secure_env: dict[str, str]) ->
         body = f"{measurement},host=h value={i} {BASE_TS + i}\n"
         resp = influx_s_write(url, env, body, router_auth(env), env["TLS_CA_FILE"])
         assert resp.status_code == 204, resp.text
-    resp = httpx.get(
-        f"{env['INFLUX_S_URL']}/query",
-        params={"db": env["INFLUX_S_DATABASE"], "q": f'SELECT count("value") FROM "{measurement}"'},
-        auth=router_auth(env),
-        verify=ca_context(env["TLS_CA_FILE"]),
-        timeout=5,
-    )
-    assert resp.status_code == 200
-    assert resp.json()["results"][0]["series"][0]["values"][0][1] == 2
+    assert influx_count_s(env, measurement) == 2
 
 
 def test_influx_s_refuses_a_wrong_password_and_anonymous_writes(

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from router import cli
@@ -22,12 +21,10 @@ from router.clients import KafkaClients
 from router.engine import Router
 from router.errors import KafkaRefused
 from router.kafka import check_access
-from router.metrics import Metrics
 from router.topology import parse_topology
 from tests.support import wait_until
 from tests.unit.test_engine import Factory
-from tests.unit.test_engine_status import Verdicts
-from tests.unit.test_secrets import rotate
+from tests.unit.test_secrets import make_router, rotate
 from tests.unit.tls_support import make_pki
 
 TOPOLOGY = """
@@ -89,16 +86,7 @@ def brokers(monkeypatch: pytest.MonkeyPatch) -> Brokers:
 
 @pytest.fixture
 def router(password: Path) -> Iterator[tuple[Router, Factory]]:
-    factory = Factory()
-    r = Router(
-        parse_topology(TOPOLOGY.format(password=password)),
-        verdicts=Verdicts(),
-        destinations=factory,
-        metrics=Metrics(CollectorRegistry()),
-        tick=0.02,
-        lag_interval=0.1,
-        lag_timeout=0.1,
-    )
+    r, factory = make_router(TOPOLOGY.format(password=password))
     r.start()
     try:
         yield r, factory
@@ -236,16 +224,7 @@ def test_a_rotated_kafka_ca_file_rebuilds_the_clients(
         "  sasl_username_env: FROUTER_TEST_KAFKA_USER\n  sasl_password_file: /dev/null\n",
         f"  security_protocol: SSL\n  tls: {{ca_file: {ca}}}\n",
     )
-    factory = Factory()
-    r = Router(
-        parse_topology(text),
-        verdicts=Verdicts(),
-        destinations=factory,
-        metrics=Metrics(CollectorRegistry()),
-        tick=0.02,
-        lag_interval=0.1,
-        lag_timeout=0.1,
-    )
+    r, factory = make_router(text)
     r.start()
     try:
         wait_until(lambda: len(factory.built) == 2, timeout=5, what="2 destinations")
