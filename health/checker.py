@@ -42,7 +42,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
@@ -389,6 +389,14 @@ class HealthChecker:
             log.critical("health_checker_crashed", exc_info=True)
             raise
 
+    def _idle(self, now: float) -> Iterator[tuple[str, ClusterSpec, str, float]]:
+        """The nodes not being probed now, with when each is due (the caller holds the
+        lock)."""
+        for cluster, spec in self._specs.items():
+            for node in spec.nodes:
+                if (cluster, node) not in self._in_flight:
+                    yield cluster, spec, node, self._due.get((cluster, node), now)
+
     def _submit_due(self) -> list[Future[None]]:
         """Probe every node whose time has come and whose previous probe has ended. The next
         one is due an ``interval`` after this one was due (no drift), or at once when this one
@@ -396,15 +404,12 @@ class HealthChecker:
         now = self._mono()
         with self._lock:
             jobs = []
-            for cluster, spec in self._specs.items():
-                for node in spec.nodes:
-                    key = (cluster, node)
-                    due = self._due.get(key, now)
-                    if key in self._in_flight or due > now:
-                        continue
-                    following = due + self._interval
-                    self._due[key] = following if following > now else now + self._interval
-                    jobs.append((cluster, spec, node))
+            for cluster, spec, node, due in self._idle(now):
+                if due > now:
+                    continue
+                following = due + self._interval
+                self._due[(cluster, node)] = following if following > now else now + self._interval
+                jobs.append((cluster, spec, node))
             self._in_flight.update((cluster, node) for cluster, _, node in jobs)
         return [self._pool.submit(self._probe_and_record, *job) for job in jobs]
 
@@ -412,12 +417,7 @@ class HealthChecker:
         """Probe every node not being probed now, due or not (``probe_once``)."""
         now = self._mono()
         with self._lock:
-            jobs = [
-                (cluster, spec, node)
-                for cluster, spec in self._specs.items()
-                for node in spec.nodes
-                if (cluster, node) not in self._in_flight
-            ]
+            jobs = [(cluster, spec, node) for cluster, spec, node, _ in self._idle(now)]
             self._in_flight.update((cluster, node) for cluster, _, node in jobs)
             for cluster, _, node in jobs:
                 self._due[(cluster, node)] = now + self._interval
@@ -428,12 +428,7 @@ class HealthChecker:
         probed: a probe that ends wakes the thread), or a window ending."""
         now = self._mono()
         with self._lock:
-            times = [
-                self._due.get((cluster, node), now)
-                for cluster, spec in self._specs.items()
-                for node in spec.nodes
-                if (cluster, node) not in self._in_flight
-            ]
+            times = [due for _, _, _, due in self._idle(now)]
             times += [d for d in (h.deadline() for h in self._health.values()) if d is not None]
         return min(times, default=now + self._interval)
 
@@ -442,9 +437,6 @@ class HealthChecker:
         now, mono = self._clock(), self._mono()
         with self._lock:
             for name, health in self._health.items():
-                deadline = health.deadline()
-                if deadline is None or deadline > mono:
-                    continue
                 gone, transition = health.expire(now, mono=mono)
                 for node in gone:
                     self._log_node(name, node, was_up=True, reason=health.node(node).reason)

@@ -85,12 +85,12 @@ class ConsulAPI:
         self._client.http.session.trust_env = False
         self.address = f"{url.hostname}:{url.port or 8500}"
         self._settings = settings
-        self._token_file = settings.token_file
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._token_file is not None:
+        token_file = self._settings.token_file
+        if token_file is not None:
             try:  # the client puts its token in the header of every request it sends
-                self._client.token = file_secret(self._token_file)
+                self._client.token = file_secret(token_file)
             except ValueError as exc:
                 raise ConsulError(f"consul {what}: token file: {exc}") from exc
         else:

@@ -114,7 +114,7 @@ class SharedVerdict:
         self._kv = _KVState()
         self._consul_ok = True  # the shared verdict is used: watch answers, nothing denied
         self._watch_ok = True
-        self._denied: dict[str, str] = {}  # kind of call -> why Consul refused it (403)
+        self._denied: set[str] = set()  # kinds of call Consul refuses (403)
         self._is_leader = False
         self._session: str | None = None
         self._check_id: str | None = None
@@ -486,7 +486,7 @@ class SharedVerdict:
             return
         with self._lock:
             first = op not in self._denied
-            self._denied[op] = str(exc)
+            self._denied.add(op)
         if first:
             log.error(
                 "consul_permission_denied",
@@ -499,8 +499,9 @@ class SharedVerdict:
 
     def _call_worked(self, op: str) -> None:
         with self._lock:
-            was = self._denied.pop(op, None)
-        if was is not None:
+            was = op in self._denied
+            self._denied.discard(op)
+        if was:
             log.warning("consul_permission_granted", op=op, reason="Consul accepts the call again")
             self._set_source(f"consul accepts {op} again")
 

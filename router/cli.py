@@ -25,29 +25,13 @@ from router.engine import Router, write_deadline
 from router.errors import ConfigError, KafkaRefused, RouterError
 from router.events import configure_logging
 from router.http import StatusServer
-from router.kafka import check_access
+from router.kafka import KAFKA_CHECK_TIMEOUT, check_access
 from router.secrets import file_secret, remember
-from router.tls import TlsError, TlsSettings, ssl_context
+from router.tls import ca_file_problem
 from router.topology import Topology, check_topology_main, load_topology
 
 log = structlog.get_logger("router")
-
-EXIT_KAFKA_REFUSED = 2  # the brokers refused the credentials or TLS at start
-KAFKA_CHECK_TIMEOUT = 10.0  # seconds the start waits for the brokers' verdict at most
-
-CONSUL_ADDR_HELP = (
-    "Consul agent: host:port, http://host:port or https://host:port (env CONSUL_HTTP_ADDR); "
-    "enables discovery, the shared verdict, KV drains and self-registration"
-)
-CONSUL_TOKEN_HELP = (
-    "file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE), read again whenever it "
-    "changes. It always wins over CONSUL_HTTP_TOKEN, which is used only when no token file is "
-    "given (an empty CONSUL_HTTP_TOKEN means no token)"
-)
-CONSUL_CA_HELP = (
-    "CA bundle that signs an https Consul agent's certificate (env CONSUL_CACERT; default: "
-    "the public CAs of certifi; REQUESTS_CA_BUNDLE and the like are ignored)"
-)
+EXIT_KAFKA_REFUSED = commands.EXIT_KAFKA_REFUSED  # the brokers refused the credentials or TLS
 
 
 def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings | None:
@@ -71,10 +55,9 @@ def consul_settings(args: argparse.Namespace, advertise: str) -> ConsulSettings 
     ca_file = getattr(args, "consul_ca_file", None) or None
     if ca_file:
         ca_file = os.path.abspath(ca_file)
-        try:
-            ssl_context(TlsSettings(ca_file=ca_file))
-        except TlsError as exc:
-            raise ConfigError([f"--consul-ca-file: {exc}"]) from exc
+        why = ca_file_problem(ca_file)
+        if why:
+            raise ConfigError([f"--consul-ca-file: {why}"])
     return ConsulSettings(
         address=args.consul_addr,
         token=token,
@@ -174,22 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         help="host:port of the HTTP server (default: topology http.listen)",
     )
     p_run.add_argument("--log-level", default=os.environ.get("FROUTER_LOG_LEVEL", "info"))
-    p_run.add_argument(
-        "--consul-addr", default=os.environ.get("CONSUL_HTTP_ADDR"), help=CONSUL_ADDR_HELP
-    )
-    p_run.add_argument(
-        "--consul-token-file",
-        default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
-        help=CONSUL_TOKEN_HELP,
-    )
-    p_run.add_argument(
-        "--consul-ca-file", default=os.environ.get("CONSUL_CACERT"), help=CONSUL_CA_HELP
-    )
-    p_run.add_argument(
-        "--consul-prefix", default=os.environ.get("FROUTER_CONSUL_PREFIX", "failover-router")
-    )
-    p_run.add_argument(
-        "--consul-session-ttl", type=float, default=10.0, help="seconds (Consul accepts 10..86400)"
+    commands.consul_flags(
+        p_run,
+        addr_use="; enables discovery, the shared verdict, KV drains and self-registration",
+        session_ttl_help="seconds (Consul accepts 10..86400)",
     )
     p_run.add_argument(
         "--advertise-address",

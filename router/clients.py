@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from router.errors import RouterError
-from router.kafka import DeadLetterProducer, KafkaAdmin, check_access
+from router.kafka import KAFKA_CHECK_TIMEOUT, DeadLetterProducer, KafkaAdmin, check_access
 from router.offsets import Marks, TopicPart
 from router.secrets import file_stamp
 from router.topology import KafkaConfig
@@ -77,9 +77,13 @@ class KafkaClients:
     def matches(self, kafka: KafkaConfig) -> bool:
         """Would ``kafka`` build the same clients now (same settings, secrets, TLS files,
         topic)? Raises ConfigError if one of its secrets cannot be read."""
-        return kafka.dead_letters == self.dead_letters.topic and resolve(kafka) == self.resolved
+        return self.same(kafka, resolve(kafka))
 
-    def check(self, *, datacenter: str = "", timeout: float = 10.0) -> str:
+    def same(self, kafka: KafkaConfig, resolved: Resolved) -> bool:
+        """``matches``, with ``kafka`` already resolved by the caller."""
+        return kafka.dead_letters == self.dead_letters.topic and resolved == self.resolved
+
+    def check(self, *, datacenter: str = "", timeout: float = KAFKA_CHECK_TIMEOUT) -> str:
         """Do the brokers accept these settings? ``"ok"``, ``"unreachable"`` or ``"timeout"``
         (nothing known yet); raises KafkaRefused when they refuse the credentials or TLS."""
         return check_access(self.config, datacenter=datacenter, timeout=timeout)

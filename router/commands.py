@@ -332,28 +332,34 @@ def _topology_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--datacenter", default=os.environ.get("FROUTER_DATACENTER"))
 
 
-def _consul_flags(p: argparse.ArgumentParser) -> None:
+def consul_flags(
+    p: argparse.ArgumentParser, *, addr_use: str = "", session_ttl_help: str = argparse.SUPPRESS
+) -> None:
+    """The Consul flags of ``run`` and of the operator's commands (``addr_use``: what Consul
+    is for in that command, appended to the address's help)."""
     p.add_argument(
         "--consul-addr",
         default=os.environ.get("CONSUL_HTTP_ADDR"),
         help="Consul agent: host:port, http://host:port or https://host:port "
-        "(env CONSUL_HTTP_ADDR)",
+        f"(env CONSUL_HTTP_ADDR){addr_use}",
     )
     p.add_argument(
         "--consul-token-file",
         default=os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
-        help="file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE); it always wins "
-        "over CONSUL_HTTP_TOKEN, used only without a token file (empty: no token)",
+        help="file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE), read again "
+        "whenever it changes. It always wins over CONSUL_HTTP_TOKEN, which is used only when no "
+        "token file is given (an empty CONSUL_HTTP_TOKEN means no token)",
     )
     p.add_argument(
         "--consul-ca-file",
         default=os.environ.get("CONSUL_CACERT"),
-        help="CA bundle of an https Consul agent (env CONSUL_CACERT; default: certifi's CAs)",
+        help="CA bundle that signs an https Consul agent's certificate (env CONSUL_CACERT; "
+        "default: the public CAs of certifi; REQUESTS_CA_BUNDLE and the like are ignored)",
     )
     p.add_argument(
         "--consul-prefix", default=os.environ.get("FROUTER_CONSUL_PREFIX", "failover-router")
     )
-    p.add_argument("--consul-session-ttl", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--consul-session-ttl", type=float, default=10.0, help=session_ttl_help)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -379,12 +385,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p = sub.add_parser(verb, help=text)
         p.add_argument("cluster")
         _topology_flags(p)
-        _consul_flags(p)
+        consul_flags(p)
     p_back = sub.add_parser(
         "backfill", help="write a time range of a route's topics to one cluster again"
     )
     _topology_flags(p_back)
-    _consul_flags(p_back)
+    consul_flags(p_back)
     p_back.add_argument("--route", required=True)
     p_back.add_argument("--cluster", required=True)
     p_back.add_argument(

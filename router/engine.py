@@ -42,7 +42,7 @@ from router.control import (
 from router.destination import Destination, DestinationSpec
 from router.errors import ConfigError, KafkaRefused, RouterError
 from router.guard import Guards
-from router.kafka import DeadLetterProducer, KafkaAdmin
+from router.kafka import KAFKA_CHECK_TIMEOUT, DeadLetterProducer, KafkaAdmin
 from router.lag import LagReader
 from router.membership import REVOKE_WAIT, RouteMembership
 from router.metrics import Metrics
@@ -64,7 +64,6 @@ TICK_TIMEOUT = 15.0  # /healthz fails when the control loop has not ticked for t
 # that joins gets [] in the first round of a cooperative rebalance and its partitions in a
 # second one, once their old owner released them (at most REVOKE_WAIT), plus a heartbeat.
 EMPTY_ASSIGNMENT_GRACE = REVOKE_WAIT + 2.0
-KAFKA_CHECK_TIMEOUT = 10.0  # longest wait for the brokers' verdict on new kafka settings
 
 
 def credentials_of(cluster: ClusterConfig) -> Credentials:
@@ -353,8 +352,7 @@ class Router:
             return new.model_copy(update={"kafka": self.topology.kafka}), None
         self._kafka = fresh
         if self._kafka_error:  # the previous failure is over
-            self.metrics.topology_valid.set(0 if self._reloader.error else 1)
-        self._kafka_error = ""
+            self._kafka_failure_over()
         self._kafka_refused = None
         log.warning(
             "kafka_clients_rebuilt",
@@ -414,16 +412,19 @@ class Router:
             return  # unreadable and never read: the clients keep what they have
         if refused is not None and wanted == refused[1]:
             return  # refused already (reported once)
-        if wanted == self._kafka.resolved and self._kafka.dead_letters.topic == (
-            self.topology.kafka.dead_letters
-        ):
+        if self._kafka.same(self.topology.kafka, wanted):
             if refused is not None:  # the refused secret was put back
-                self._kafka_refused = None
-                self._kafka_error = ""
-                self.metrics.topology_valid.set(0 if self._reloader.error else 1)
+                self._kafka_failure_over()
                 log.warning("kafka_clients_kept", reason="the refused kafka secret was reverted")
             return
         self._apply_now(self.topology, reason="kafka secret changed")
+
+    def _kafka_failure_over(self) -> None:
+        """A failed or refused kafka section is no longer in the way: forget it and let the
+        topology-valid metric follow the file alone."""
+        self._kafka_error = ""
+        self._kafka_refused = None
+        self.metrics.topology_valid.set(0 if self._reloader.error else 1)
 
     def _routes_moved(self) -> None:
         """After the rebuilder changed the routes run or the destinations leaving: the lag

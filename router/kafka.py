@@ -88,7 +88,12 @@ _REFUSALS = {
 }
 
 
-def check_access(config: Mapping[str, str], *, datacenter: str = "", timeout: float = 10.0) -> str:
+KAFKA_CHECK_TIMEOUT = 10.0  # longest wait for the brokers' verdict on kafka settings
+
+
+def check_access(
+    config: Mapping[str, str], *, datacenter: str = "", timeout: float = KAFKA_CHECK_TIMEOUT
+) -> str:
     """Connect once with ``config`` and read the cluster's metadata.
 
     Returns ``"ok"``, or ``"unreachable"`` (no broker answered: nothing can be said about

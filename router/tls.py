@@ -46,6 +46,7 @@ __all__ = [
     "ReloadingClient",
     "TlsError",
     "TlsSettings",
+    "ca_file_problem",
     "http_client",
     "ssl_context",
     "tls_failure",
@@ -111,6 +112,15 @@ def ssl_context(tls: TlsSettings | None) -> ssl.SSLContext:
     if settings.cert_file is not None:
         _load_client_certificate(context, settings)
     return context
+
+
+def ca_file_problem(path: str) -> str:
+    """Why ``path`` cannot serve as a CA bundle ("" when it can), for a setting's check."""
+    try:
+        ssl_context(TlsSettings(ca_file=path))
+    except TlsError as exc:
+        return str(exc)
+    return ""
 
 
 def _load_client_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:

@@ -59,7 +59,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from router.errors import ConfigError
 from router.graphite import GraphiteError, parse_templates
 from router.secrets import env_secret, file_secret, scrub
-from router.tls import TlsError, TlsSettings, ssl_context
+from router.tls import TlsError, TlsSettings, ca_file_problem, ssl_context
 
 __all__ = [
     "BatchConfig",
@@ -584,11 +584,9 @@ class OAuthBearerConfig(_Model):
             problems += _one_of(self, env, file)
         if self.ca_file is not None and not self.token_endpoint_url.startswith("https:"):
             problems.append((("ca_file",), "only for an https:// token_endpoint_url"))
-        if self.ca_file is not None:
-            try:
-                ssl_context(TlsSettings(ca_file=self.ca_file))
-            except TlsError as exc:
-                problems.append((("ca_file",), str(exc)))
+        why = ca_file_problem(self.ca_file) if self.ca_file is not None else ""
+        if why:
+            problems.append((("ca_file",), why))
         return problems
 
 
@@ -708,13 +706,6 @@ class KafkaConfig(_Model):
             files.append(self.sasl_oauthbearer.ca_file)
         return tuple(f for f in files if f)
 
-    @property
-    def sasl_description(self) -> str:
-        """How the router authenticates, for messages: "SASL SCRAM-SHA-512", "TLS"..."""
-        if self.security_protocol in _SASL_PROTOCOLS:
-            return f"SASL {self.sasl_mechanism}"
-        return "TLS" if self.security_protocol == "SSL" else "no authentication"
-
     def _problems(self) -> list[Problem]:
         problems: list[Problem] = []
         protocol = self.security_protocol
@@ -739,11 +730,8 @@ class KafkaConfig(_Model):
                 )
             if self.tls.cert_file is not None and self.tls.key_file is None:
                 problems.append((("tls", "key_file"), "required with cert_file (librdkafka)"))
-        elif self.ssl_ca_file is not None:
-            try:
-                ssl_context(TlsSettings(ca_file=self.ssl_ca_file))
-            except TlsError as exc:
-                problems.append((("ssl_ca_file",), str(exc)))
+        elif self.ssl_ca_file is not None and (why := ca_file_problem(self.ssl_ca_file)):
+            problems.append((("ssl_ca_file",), why))
         for key in self.client_config:
             if key in _OWNED_KAFKA_KEYS:
                 problems.append((("client_config", key), f"not allowed: {_OWNED_KAFKA_KEYS[key]}"))
